@@ -1,0 +1,51 @@
+"""`compress` command group. Each command lives in its own module and calls one library function.
+
+User errors (`CompressError`) are caught here, once: one line on stderr and the error's exit code
+(2 for bad input, 1 for failed verification). `--debug` re-raises them with a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from compress.errors import CompressError
+
+from . import audit, export, tie, verify
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CompressError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: no output was written", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show a traceback for errors.")
+@click.version_option(package_name="compress")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Make trained PyTorch models smaller by parameter sharing, and prove they still work."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+for _module in (audit, tie, export, verify):
+    cli.add_command(_module.command)
+
+
+def main() -> None:
+    sys.exit(cli(obj={}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""Shared fixtures: tiny models named for the case they cover, and the bundled samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples"
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def samples_dir() -> Path:
+    return SAMPLES
