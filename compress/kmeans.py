@@ -20,6 +20,7 @@ import numpy as np
 
 _HIST_BINS = 512
 _DP_MAX_K = 64
+_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -35,31 +36,47 @@ class KMeans1D:
 @dataclass(frozen=True)
 class _Sorted:
     x: np.ndarray  # sorted values
-    cw: np.ndarray  # prefix sums of weights, length n+1
+    cw: np.ndarray | None  # prefix sums of weights, length n+1 (None: every weight is 1)
     cs: np.ndarray  # prefix sums of w*x
     cq: np.ndarray  # prefix sums of w*x^2
 
     @classmethod
-    def build(cls, x: np.ndarray, w: np.ndarray | None) -> _Sorted:
+    def build(cls, x: np.ndarray, w: np.ndarray | None, presorted: bool = False) -> _Sorted:
+        # Memory matters (a 30522x384 embedding is 11.7M values): sort in the input's dtype, keep
+        # prefix sums in float64, square and accumulate in place; unweighted counts are implicit.
         if w is None:
-            xs = np.sort(x)
-            ws = np.ones_like(xs)
+            xs = x if presorted else np.sort(x)
+            cw = None
         else:
-            order = np.argsort(x, kind="stable")
+            order = slice(None) if presorted else np.argsort(x, kind="stable")
             xs, ws = x[order], w[order]
-        zero = np.zeros(1)
-        return cls(xs, np.concatenate([zero, np.cumsum(ws)]), np.concatenate([zero, np.cumsum(ws * xs)]),
-                   np.concatenate([zero, np.cumsum(ws * xs * xs)]))
+            cw = _prefix(ws)
+        cs = _prefix(xs if w is None else ws * xs)
+        cq = np.empty(xs.size + 1, dtype=np.float64)
+        cq[0] = 0.0
+        np.square(xs, out=cq[1:], dtype=np.float64)
+        if w is not None:
+            cq[1:] *= ws
+        np.cumsum(cq[1:], out=cq[1:])
+        return cls(xs, cw, cs, cq)
+
+    def weight_between(self, s: np.ndarray, e: np.ndarray) -> np.ndarray:
+        if self.cw is None:
+            return (e - s).astype(np.float64)
+        return self.cw[e] - self.cw[s]
+
+    @property
+    def total_weight(self) -> float:
+        return float(len(self.x)) if self.cw is None else float(self.cw[-1])
 
     def segments(self, centers: np.ndarray) -> np.ndarray:
         """Start index of every cluster's run plus n at the end (length k+1)."""
-        mids = (centers[1:] + centers[:-1]) / 2
-        inner = np.searchsorted(self.x, mids, side="right")
+        inner = np.searchsorted(self.x, _midpoints(centers, self.x.dtype), side="right")
         return np.concatenate([[0], inner, [len(self.x)]])
 
     def means_and_sse(self, seg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         s, e = seg[:-1], seg[1:]
-        w = self.cw[e] - self.cw[s]
+        w = self.weight_between(s, e)
         sx = self.cs[e] - self.cs[s]
         sq = self.cq[e] - self.cq[s]
         safe = np.where(w > 0, w, 1.0)
@@ -69,7 +86,7 @@ class _Sorted:
 
 
 def kmeans_1d(values: np.ndarray, k: int, weights: np.ndarray | None = None, *,
-              max_iter: int = 500) -> KMeans1D:
+              max_iter: int = 500, presorted: bool = False) -> KMeans1D:
     """Cluster `values` into at most `k` shared values, minimising the (weighted) squared error.
 
     Args:
@@ -77,6 +94,7 @@ def kmeans_1d(values: np.ndarray, k: int, weights: np.ndarray | None = None, *,
         k: number of shared values, >= 1.
         weights: optional non-negative importance per value (same size as `values`).
         max_iter: Lloyd iterations per start (each O(k log n); convergence is usually far sooner).
+        presorted: `values` is already sorted ascending (skips the sort).
 
     Returns:
         `KMeans1D` with sorted centres and each value's label. When `values` has at most `k`
@@ -85,17 +103,33 @@ def kmeans_1d(values: np.ndarray, k: int, weights: np.ndarray | None = None, *,
     >>> kmeans_1d(np.array([3.0, 1.0, 3.0]), 4).centers.tolist()
     [1.0, 3.0]
     """
-    x = np.asarray(values, dtype=np.float64).reshape(-1)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    return kmeans_1d_many(values, [k], weights, max_iter=max_iter, presorted=presorted)[0]
+
+
+def kmeans_1d_many(values: np.ndarray, ks: list[int], weights: np.ndarray | None = None, *,
+                   max_iter: int = 500, presorted: bool = False) -> list[KMeans1D]:
+    """`kmeans_1d` for several k at once, sorting the values and building prefix sums once.
+
+    >>> [len(r.centers) for r in kmeans_1d_many(np.arange(10.0), [2, 4])]
+    [2, 4]
+    """
+    x = np.asarray(values).reshape(-1)
+    if not np.issubdtype(x.dtype, np.floating) or x.dtype.itemsize < 4:
+        x = x.astype(np.float32 if np.issubdtype(x.dtype, np.floating) else np.float64)
+    for k in ks:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
     if x.size == 0:
-        return KMeans1D(np.zeros(0), np.zeros(0, dtype=np.int32), 0.0)
+        return [KMeans1D(np.zeros(0), np.zeros(0, dtype=np.int32), 0.0) for _ in ks]
     w = _check_weights(weights, x)
-    uniq = np.unique(x)
+    data = _Sorted.build(x, w, presorted)
+    uniq = _distinct_sorted(data.x)
+    return [_fit(data, x, uniq, k, max_iter) for k in ks]
+
+
+def _fit(data: _Sorted, x: np.ndarray, uniq: np.ndarray, k: int, max_iter: int) -> KMeans1D:
     if len(uniq) <= k:
-        labels = np.searchsorted(uniq, x).astype(np.int32)
-        return KMeans1D(uniq, labels, 0.0)
-    data = _Sorted.build(x, w)
+        return KMeans1D(uniq.astype(np.float64), np.searchsorted(uniq, x).astype(np.int32), 0.0)
     best = None
     for init in _starts(data, uniq, k):
         centers, sse, iters = _lloyd(data, init, k, max_iter)
@@ -105,12 +139,39 @@ def kmeans_1d(values: np.ndarray, k: int, weights: np.ndarray | None = None, *,
     return KMeans1D(centers, assign(x, centers), float(sse), iters)
 
 
+def _distinct_sorted(xs: np.ndarray) -> np.ndarray:
+    keep = np.empty(xs.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(xs[1:], xs[:-1], out=keep[1:])
+    return xs[keep]
+
+
+def _prefix(a: np.ndarray) -> np.ndarray:
+    out = np.empty(a.size + 1, dtype=np.float64)
+    out[0] = 0.0
+    np.cumsum(a, dtype=np.float64, out=out[1:])
+    return out
+
+
 def assign(values: np.ndarray, centers: np.ndarray) -> np.ndarray:
     """Index of the nearest centre (ties go to the lower centre) for every value, int32."""
-    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    x = np.asarray(values).reshape(-1)
     c = np.asarray(centers, dtype=np.float64)
-    mids = (c[1:] + c[:-1]) / 2
-    return np.searchsorted(mids, x, side="left").astype(np.int32)
+    mids = _midpoints(c, x.dtype)
+    out = np.empty(x.size, dtype=np.int32)
+    for start in range(0, x.size, _CHUNK):  # chunks: no full-size int64 temporary
+        out[start:start + _CHUNK] = np.searchsorted(mids, x[start:start + _CHUNK], side="left")
+    return out
+
+
+def _midpoints(centers: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    # Compare in the values' own dtype: numpy would otherwise cast the whole (large) value array
+    # to float64 on every search. Lloyd's segments and the final labels use the same boundaries.
+    dtype = np.dtype(dtype if np.issubdtype(dtype, np.floating) and np.dtype(dtype).itemsize >= 4 else np.float64)
+    mids = ((centers[1:] + centers[:-1]) / 2).astype(dtype)
+    upper = centers[1:].astype(dtype)
+    # adjacent centres: the midpoint can round up onto the upper centre, which must keep its own value
+    return np.where(mids >= upper, np.nextafter(upper, dtype.type(-np.inf)), mids)
 
 
 def kmeans_groups(values: np.ndarray, k: int, groups: int, weights: np.ndarray | None = None
@@ -181,14 +242,16 @@ def _check_weights(weights, x: np.ndarray) -> np.ndarray | None:
         raise ValueError("weights must be finite and non-negative")
     if w.sum() <= 0:
         return None
-    # keep zero-importance values assignable but let them pull centres a little, never to nothing
-    return w + w.mean() * 1e-6
+    return w
 
 
 def _starts(data: _Sorted, uniq: np.ndarray, k: int):
-    total = data.cw[-1]
-    q = (np.arange(k) + 0.5) / k * total
-    yield np.unique(data.x[np.minimum(np.searchsorted(data.cw[1:], q), len(data.x) - 1)])
+    q = (np.arange(k) + 0.5) / k * data.total_weight
+    if data.cw is None:
+        pos = q.astype(np.int64)
+    else:
+        pos = np.searchsorted(data.cw[1:], q)
+    yield np.unique(data.x[np.minimum(pos, len(data.x) - 1)].astype(np.float64))
     yield np.linspace(uniq[0], uniq[-1], k)
     if k <= _DP_MAX_K:
         yield _histogram_dp(data, k)
@@ -217,7 +280,9 @@ def _lloyd(data: _Sorted, centers: np.ndarray, k: int, max_iter: int) -> tuple[n
 def _split_largest(data: _Sorted, centers: np.ndarray, k: int) -> np.ndarray:
     """Refill to k centres by splitting the clusters with the largest error at their median."""
     centers = np.unique(centers)
-    while len(centers) < k:
+    for _ in range(k):  # bounded: a split that adds no new centre ends the refill
+        if len(centers) >= k:
+            break
         seg = data.segments(centers)
         _, w, sse = data.means_and_sse(seg)
         spread = np.where(seg[1:] - seg[:-1] > 1, sse, -1.0)
@@ -225,17 +290,19 @@ def _split_largest(data: _Sorted, centers: np.ndarray, k: int) -> np.ndarray:
         if spread[j] <= 0:
             break
         s, e = seg[j], seg[j + 1]
-        lo, hi = data.x[s], data.x[e - 1]
-        mid = data.x[(s + e) // 2]
-        new = np.array([(lo + mid) / 2, (mid + hi) / 2])
-        centers = np.unique(np.concatenate([np.delete(centers, j), new]))
+        lo, hi = float(data.x[s]), float(data.x[e - 1])
+        mid = float(data.x[(s + e) // 2])
+        grown = np.unique(np.concatenate([np.delete(centers, j), [(lo + mid) / 2, (mid + hi) / 2]]))
+        if len(grown) <= len(centers):
+            break
+        centers = grown
     return centers
 
 
 def _histogram_dp(data: _Sorted, k: int) -> np.ndarray:
     """Optimal k-means of a weighted histogram of the values (O(k B^2) vectorised), as a start."""
     edges = np.linspace(data.x[0], data.x[-1], _HIST_BINS + 1)
-    idx = np.searchsorted(data.x, edges[1:-1], side="left")
+    idx = np.searchsorted(data.x, edges[1:-1].astype(data.x.dtype), side="left")
     seg = np.unique(np.concatenate([[0], idx, [len(data.x)]]))
     mean, w, _ = data.means_and_sse(seg)
     keep = w > 0

@@ -1,0 +1,240 @@
+"""safetensors export: codebooks and densely packed indices as tensors, the recipe in the metadata.
+
+File layout (any safetensors reader can open it; `load_safetensors` rebuilds the dense tensors):
+
+- `<name>.codebook`: the codebook [groups, K] in the weight's dtype;
+- `<name>.indices`: uint8 [ceil(n * bits / 8)], the indices packed densely, "lsb0" order (element
+  `i` takes stream bits `i*bits ..`, least significant bit first; stream bit `j` is bit `j % 8` of
+  byte `j // 8`; see `_pack.py`);
+- every dense tensor under its own name, each stored once;
+- `__metadata__` (JSON strings): `compress.format` = "codebook", `compress.format_version`,
+  `compress.tensors` = {name: {codebook, indices, bits, k, packing, shape, dtype, granularity,
+  group_size}}, `compress.aliases` = {name: {target, transpose}} for tensors stored as another.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._atomic import atomic_outputs
+from ..codebook import Codebooks, TensorCodebook, row_offsets
+from ..errors import BadInputError
+from ._pack import PACKING, pack_bits, packed_size, unpack_bits
+from ._recover import storage_names
+from ._report import ExportReport, TensorEntry
+
+FORMAT = "codebook"
+FORMAT_VERSION = 1
+
+
+def export_safetensors(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], codebooks: Codebooks,
+                       path: str | Path, *, force: bool = False) -> ExportReport:
+    """Write a merged model as codebooks + packed indices + dense tensors, with the recipe in metadata.
+
+    Args:
+        model_or_state_dict: the merged model (or its state_dict); dense tensors come from it.
+        codebooks: the merged tensors and aliases (`merge_`'s return, or `codebooks_from_state_dict`).
+        path: the `.safetensors` file to write.
+        force: overwrite an existing file.
+
+    >>> report = export_safetensors(model, codebooks, "out/model.safetensors")
+    >>> tensors = load_safetensors("out/model.safetensors")   # dense, exactly the merged values
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = _state_of(model_or_state_dict)
+    tensors: dict[str, torch.Tensor] = {}
+    entries: list[TensorEntry] = []
+    meta_tensors = {}
+    for name, cb in codebooks.tensors.items():
+        meta_tensors[name], entry = _put_codebook(cb, tensors)
+        entries.append(entry)
+    aliases, notes = _aliases(state, codebooks)
+    skip = {s for name in codebooks.tensors for s in storage_names(name)} | set(codebooks.tensors)
+    skip |= {s for name in aliases for s in storage_names(name)} | set(aliases)
+    entries += _put_dense(state, skip, tensors, notes)
+    entries += [TensorEntry(a, [], "alias", 0, 0, note=_alias_note(d)) for a, d in aliases.items()]
+    metadata = {"compress.format": FORMAT, "compress.format_version": str(FORMAT_VERSION),
+                "compress.tensors": json.dumps(meta_tensors, sort_keys=True),
+                "compress.aliases": json.dumps(aliases, sort_keys=True)}
+    _check_names(tensors, path)
+    with atomic_outputs([path], force=force) as (tmp,):
+        save_file(tensors, str(tmp), metadata=metadata)
+    size = path.stat().st_size
+    data = sum(e.actual_bytes for e in entries)
+    merged_dense = sum(cb.numel * cb.codebook.element_size() for cb in codebooks.tensors.values())
+    dense = sum(e.actual_bytes for e in entries if e.storage == "dense")
+    return ExportReport("safetensors", str(path), size, size - data, size - data + dense + merged_dense,
+                        entries, files=[str(path)], notes=notes)
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a file written by `export_safetensors`, dense and exactly the merged values.
+
+    Aliases are re-tied: an alias is the same tensor object as its target (or a transposed view).
+
+    >>> tensors = load_safetensors("out/model.safetensors")
+    >>> model.load_state_dict(tensors, strict=False)
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: no such file")
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises SafetensorError for a bad header
+        raise BadInputError(f"{path}: not a readable safetensors file ({e})") from e
+    with handle as f:
+        meta = f.metadata() or {}
+        recipes, aliases = _read_metadata(meta, path)
+        used = {r["codebook"] for r in recipes.values()} | {r["indices"] for r in recipes.values()}
+        names = f.keys()
+        out = {name: f.get_tensor(name) for name in names if name not in used}
+        for name, recipe in recipes.items():
+            out[name] = _decode(name, recipe, f.get_tensor(recipe["codebook"]), f.get_tensor(recipe["indices"]),
+                                path)
+    _retie(out, aliases, path)
+    return out
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+def _state_of(obj) -> dict[str, torch.Tensor]:
+    if isinstance(obj, torch.export.ExportedProgram):
+        return dict(obj.state_dict)
+    if isinstance(obj, nn.Module):
+        return obj.state_dict(keep_vars=False)
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    raise BadInputError(f"expected a model or a state_dict, got {type(obj).__name__}")
+
+
+def _put_codebook(cb: TensorCodebook, tensors: dict) -> tuple[dict, TensorEntry]:
+    cb_name, idx_name = f"{cb.name}.codebook", f"{cb.name}.indices"
+    tensors[cb_name] = cb.codebook.detach().contiguous().clone()
+    packed = pack_bits(cb.indices.detach().reshape(-1).to(torch.int64).numpy(), cb.bits)
+    tensors[idx_name] = torch.from_numpy(packed)
+    recipe = {"codebook": cb_name, "indices": idx_name, "bits": cb.bits, "k": cb.k, "packing": PACKING,
+              "shape": list(cb.shape), "dtype": str(cb.dtype).removeprefix("torch."),
+              "granularity": cb.granularity, "group_size": cb.group_size}
+    size = packed.nbytes + tensors[cb_name].numel() * tensors[cb_name].element_size()
+    bound = packed_size(cb.numel, cb.bits) + tensors[cb_name].numel() * tensors[cb_name].element_size()
+    entry = TensorEntry(cb.name, list(cb.shape), "codebook", size, bound, index_type=f"U8 {PACKING} {cb.bits}-bit",
+                        bits=cb.bits, k=cb.k, granularity=cb.granularity, stored_as=[cb_name, idx_name])
+    return recipe, entry
+
+
+def _aliases(state: dict[str, torch.Tensor], codebooks: Codebooks) -> tuple[dict[str, dict], list[str]]:
+    """Declared aliases whose values really are their target's, plus names sharing storage in `state`."""
+    dense = _dense_values(state, codebooks)
+    aliases, notes = {}, []
+    for alias in codebooks.aliases.values():
+        mine = state.get(alias.name)
+        target = dense.get(alias.target)
+        if target is None:
+            raise BadInputError(f"alias `{alias.name}` points to `{alias.target}`, which the model does not have")
+        expect = target.t() if alias.transpose else target
+        if mine is not None and not (mine.shape == expect.shape and torch.equal(mine, expect)):
+            notes.append(f"`{alias.name}` is declared an alias of `{alias.target}` but holds other values: "
+                         f"stored dense")
+            continue
+        aliases[alias.name] = {"target": alias.target, "transpose": alias.transpose}
+    seen: dict[tuple, str] = {}
+    for name, t in state.items():
+        if name in aliases or name in codebooks.tensors or ".parametrizations." in f".{name}":
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        first = seen.setdefault(key, name)
+        if first != name and t.numel():
+            aliases[name] = {"target": first, "transpose": False}
+    return aliases, notes
+
+
+def _dense_values(state: dict[str, torch.Tensor], codebooks: Codebooks) -> dict[str, torch.Tensor]:
+    values = {n: t for n, t in state.items()}
+    values.update({n: cb.decode() for n, cb in codebooks.tensors.items()})
+    return values
+
+
+def _put_dense(state, skip: set[str], tensors: dict, notes: list[str]) -> list[TensorEntry]:
+    entries, owners = [], {}
+    for name, t in state.items():
+        if name in skip or _is_storage_key(name):
+            continue
+        t = t.detach()
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+        t = t.contiguous().clone() if ptr in owners or not t.is_contiguous() else t
+        if ptr is not None:
+            owners.setdefault(ptr, name)
+        tensors[name] = t
+        size = t.numel() * t.element_size()
+        note = next((n for n in notes if n.startswith(f"`{name}`")), "")
+        entries.append(TensorEntry(name, list(t.shape), "dense", size, size, note=note))
+    return entries
+
+
+def _is_storage_key(name: str) -> bool:
+    return ".parametrizations." in f".{name}" and name.endswith((".original", ".0.index"))
+
+
+def _alias_note(d: dict) -> str:
+    return f"{'transposed ' if d['transpose'] else ''}alias of `{d['target']}`"
+
+
+def _check_names(tensors: dict, path: Path) -> None:
+    clash = [n for n in tensors if n.endswith((".codebook", ".indices")) and n.rsplit(".", 1)[0] in tensors]
+    if clash:
+        raise BadInputError(f"{path}: tensor names {clash} clash with codebook storage names; rename them")
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+def _read_metadata(meta: dict[str, str], path: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    if meta.get("compress.format") != FORMAT:
+        raise BadInputError(f"{path}: no codebook metadata; the file was not written by `compress export "
+                            f"--safetensors` (open it with safetensors.safe_open instead)")
+    if meta.get("compress.format_version") != str(FORMAT_VERSION):
+        raise BadInputError(f"{path}: codebook format version {meta.get('compress.format_version')!r} is not "
+                            f"supported (this is version {FORMAT_VERSION}); re-export the model")
+    try:
+        return json.loads(meta["compress.tensors"]), json.loads(meta.get("compress.aliases", "{}"))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise BadInputError(f"{path}: corrupt codebook metadata ({e}); re-export the model") from e
+
+
+def _decode(name: str, recipe: dict, codebook: torch.Tensor, packed: torch.Tensor, path: Path) -> torch.Tensor:
+    shape = tuple(int(s) for s in recipe["shape"])
+    bits, n = int(recipe["bits"]), math.prod(shape)
+    if recipe.get("packing") != PACKING:
+        raise BadInputError(f"{path}: `{name}` uses packing {recipe.get('packing')!r}, not {PACKING!r}")
+    if packed.dtype != torch.uint8 or packed.numel() != packed_size(n, bits):
+        raise BadInputError(f"{path}: `{name}` needs {packed_size(n, bits)} packed index bytes, the file has "
+                            f"{packed.numel()} ({packed.dtype}); the file is corrupt")
+    k = codebook.shape[-1]
+    indices = torch.from_numpy(unpack_bits(packed.numpy(), bits, n).astype(np.int64)).reshape(shape)
+    if n and int(indices.max()) >= k:
+        raise BadInputError(f"{path}: `{name}` has index {int(indices.max())} for a codebook of {k} values; "
+                            f"the file is corrupt")
+    offsets = row_offsets(shape, recipe["granularity"], recipe.get("group_size"), k)
+    return codebook.reshape(-1)[(indices + offsets).reshape(-1)].reshape(shape)
+
+
+def _retie(out: dict[str, torch.Tensor], aliases: dict[str, dict], path: Path) -> None:
+    pending = dict(aliases)
+    while pending:
+        ready = [n for n, a in pending.items() if a["target"] in out]
+        if not ready:
+            raise BadInputError(f"{path}: aliases {sorted(pending)} point to tensors the file does not hold")
+        for name in ready:
+            a = pending.pop(name)
+            target = out[a["target"]]
+            out[name] = target.t() if a["transpose"] else target
