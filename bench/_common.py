@@ -117,7 +117,7 @@ def machine() -> dict:
 
 def _cpu_model() -> str:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
         for line in out.splitlines():
             if line.startswith("Model name:"):
                 return line.split(":", 1)[1].strip()
@@ -199,7 +199,7 @@ def run_child(code: str, args: dict, timeout: float = 600, env: dict | None = No
     prelude = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'bench')!r})\n"
                f"from _common import rss_bytes\nARGS = json.loads({json.dumps(json.dumps(args))})\n")
     proc = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})}, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"child process failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     last = [line for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -234,7 +234,7 @@ def targets(rows: list[Row], fp32: dict[str, float]) -> list[C.Target]:
     gap = fp32["mlp"] - r.accuracy
     peer = f"; cml dkm {dkm.accuracy:.2f}%" if dkm else ""
     return [C.Target("digits MLP 1 bit", goal, f"{r.method}: {r.accuracy:.2f}% vs fp32 {fp32['mlp']:.2f}% "
-                     f"({gap:+.2f} pt below){peer}", gap <= 0.5)]
+                     f"({gap:.2f} pt below){peer}" if gap >= 0 else f"({-gap:.2f} pt above){peer}", gap <= 0.5)]
 
 
 def main() -> int:

@@ -148,7 +148,7 @@ def minilm_tensors() -> list[tuple[str, np.ndarray]]:
     from safetensors import safe_open
 
     with safe_open(str(C.minilm_path() / "model.safetensors"), "np") as f:
-        out = [(n, f.get_tensor(n).astype(np.float32).reshape(-1)) for n in f.keys()
+        out = [(n, f.get_tensor(n).astype(np.float32).reshape(-1)) for n in f
                if len(f.get_slice(n).get_shape()) == 2]
     return sorted(out, key=lambda t: (t[1].size, t[0]))
 
@@ -176,8 +176,8 @@ def section_minilm(meter: Meter, methods: list[str], tensors) -> tuple[list[Cell
         o_sse = sum(ours[c.tensor].sse for c in done)
         t.add(m, f"{len(done)}/{len(tensors)}", f"{n / 1e6:.2f}M", C.fmt_s(secs), f"{n / secs / 1e6:.2f}M",
               C.fmt_s(o_secs), C.fmt_ratio(secs / o_secs), f"{sum(c.sse for c in done) / o_sse:.4f}")
-    t.notes = [f"Times are the sum over tensors of each tensor's median of up to {meter.repeat} runs. "
-               f"'SSE vs ours' > 1 means more error than ours on the same tensors."]
+    t.notes = [(f"Times are the sum over tensors of each tensor's median of up to {meter.repeat} runs. "
+               f"'SSE vs ours' > 1 means more error than ours on the same tensors.")]
     return cells, t
 
 
@@ -250,7 +250,7 @@ def section_end_to_end(repeat: int, budget: float) -> tuple[dict, C.Table | None
     torch.set_num_threads(torch.get_num_threads())
     t_copy, _ = C.time_runs(copy_only, repeat)
     t_cml, m_cml = C.time_runs(cml, repeat, budget_s=budget)
-    t_ours, (m_ours, plan) = C.time_runs(ours, repeat, budget_s=budget)
+    t_ours, (_, plan) = C.time_runs(ours, repeat, budget_s=budget)
     t_notie, _ = C.time_runs(lambda: ours(False), repeat, budget_s=budget)
     n_cml = [n for n, p in m_cml.named_parameters() if p.dim() >= 2]
     clustered = [t.name for t in plan.clustered()]
@@ -263,9 +263,9 @@ def section_end_to_end(repeat: int, budget: float) -> tuple[dict, C.Table | None
                      ("ours, tie_tensors=False", t_notie)):
         t.add(name, len(tm.runs), C.fmt_s(tm.median), C.fmt_s(tm.median - base),
               C.fmt_ratio((t_cml.median - base) / (tm.median - base)))
-    t.notes = [f"Each run deep-copies the BertModel first (median {C.fmt_s(base)}, subtracted in 'minus model copy'). "
+    t.notes = [(f"Each run deep-copies the BertModel first (median {C.fmt_s(base)}, subtracted in 'minus model copy'). "
                f"ours clustered {len(clustered)} tensors; coremltools num_kmeans_workers=1 (its default). "
-               f"tie_tensors=False skips the toolkit's search for equal/transposed tensors (on by default)."]
+               f"tie_tensors=False skips the toolkit's search for equal/transposed tensors (on by default).")]
     return res, t, None
 
 

@@ -174,11 +174,11 @@ def tables(rows: list[Row], fp32_bytes: int | None, sentences: C.SentenceSet) ->
         if r.onnx_from:
             size, shared = size + " †", True
         t.add(r.method, r.bits, f"{r.mean_cos:.4f}", f"{r.min_cos:.4f}", f"{r.bpw:.3f}", size, C.fmt_s(r.seconds))
-    t.notes = [f"{len(sentences.eval)} evaluation sentences (sha256 {sentences.sha256}), {len(sentences.calib)} "
+    t.notes = [(f"{len(sentences.eval)} evaluation sentences (sha256 {sentences.sha256}), {len(sentences.calib)} "
                f"disjoint calibration sentences; fp32 ONNX {C.fmt_bytes(fp32_bytes)}. Embeddings and layer norms "
                f"stay fp32 in every row (they are most of the ONNX bytes). coremltools has no ONNX export of "
                f"palettized weights (its torch model keeps dense fp32 weights; it targets Core ML), hence —. "
-               f"Soft tying: {SOFT_EPOCHS}+{CODEBOOK_EPOCHS} epochs of distillation, lr 1e-5."]
+               f"Soft tying: {SOFT_EPOCHS}+{CODEBOOK_EPOCHS} epochs of distillation, lr 1e-5.")]
     if shared:
         t.notes.append("†: the file of the row with the same bits and granularity (same K, same index layout, so "
                        "the same bytes); exported once per layout to save time.")

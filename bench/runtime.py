@@ -6,7 +6,8 @@ codebook decode into dense weights at load) and in keep-compressed mode (constan
 only codebooks and indices stay resident, each run decodes), the latter also with
 `MALLOC_MMAP_THRESHOLD_=131072` (compress/runtime.py: glibc otherwise keeps decoded buffers).
 
-Every measurement is a fresh Python process: it imports onnxruntime and `compress.runtime`, records
+Every measurement is a fresh Python process: it imports onnxruntime and `compress.runtime` (and what
+`make_session` imports lazily, so load time is the session's, not imports'), records
 its resident memory, opens the session with `compress.runtime.make_session` (timed), runs a few
 warm-up inferences, then times `--runs` inferences (median). Memory is what the session added:
 resident after the runs and the peak (VmHWM), each minus the process's memory before the session.
@@ -31,6 +32,8 @@ import numpy as np
 CHILD = r"""
 import statistics, time
 import numpy as np
+import onnxruntime
+import compress.export._onnxfile  # make_session imports it lazily: keep import time out of the load time
 from compress.runtime import make_session
 inputs = [np.load(f) for f in ARGS["inputs"]]
 base_rss, _ = rss_bytes()
@@ -94,8 +97,8 @@ def table(samples: list[Sample], built_list, runs: int, repeat: int) -> C.Table:
             t.add(b.name, v, C.fmt_bytes(Path(getattr(b, attr)).stat().st_size), C.fmt_s(m["load_s"]),
                   C.fmt_s(m["latency_s"]), f"{ratio:.3f}x", C.fmt_bytes(m["rss"]), C.fmt_bytes(m["peak"]))
     shapes = "; ".join(f"{b.name}: {' + '.join(str(list(x.shape)) for x in b.inputs)}" for b in built_list)
-    t.notes = [f"Latency: median of {runs} runs after 3 warm-up runs, per process. Inputs {shapes}. Sessions via "
-               "compress.runtime.make_session (fp32: onnxruntime defaults). 'vs fp32': latency ratio in this run."]
+    t.notes = [(f"Latency: median of {runs} runs after 3 warm-up runs, per process. Inputs {shapes}. Sessions via "
+               "compress.runtime.make_session (fp32: onnxruntime defaults). 'vs fp32': latency ratio in this run.")]
     return t
 
 

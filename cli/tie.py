@@ -36,7 +36,8 @@ from . import options
 @click.option("--epochs", type=int, default=None,
               help=f"Soft-tying epochs with --data (default {FinetuneConfig.epochs}; 0: post-training only).")
 @click.option("--strength", type=float, default=None,
-              help="Soft-tying strength lambda; the pull on each weight is lambda * (w - its cluster mean).")
+              help=f"Soft-tying strength lambda (default {FinetuneConfig.strength}): the pull on each weight is "
+                   "about lambda * (w - its centre), whatever the tensor's size.")
 @click.option("--prior", type=click.Choice(PRIORS), default="pairwise", show_default=True,
               help="Soft-tying prior: pairwise pull to the cluster mean, or a learned Gaussian mixture.")
 @click.option("--zero-component", is_flag=True, help="Mixture prior: fix one shared value at 0 (pruning).")
@@ -63,7 +64,8 @@ def command(model: Path, out_dir: Path, bits: int | None, tolerance: float | Non
                   importance=importance, exclude=exclude, include=include)
     if epochs is not None and data_path is None and epochs > 0:
         raise BadInputError("--epochs needs --data FILE (fine-tuning trains on it)")
-    finetune = FinetuneConfig(epochs=FinetuneConfig.epochs if epochs is None else epochs, strength=strength,
+    finetune = FinetuneConfig(epochs=FinetuneConfig.epochs if epochs is None else epochs,
+                              strength=FinetuneConfig.strength if strength is None else strength,
                               prior=prior, zero_component=zero_component, seed=seed,
                               codebook_epochs=0 if epochs == 0 else FinetuneConfig.codebook_epochs)
     if json_path and json_path != "-":

@@ -35,7 +35,6 @@ from .soft_tie import PRIORS, SoftTie
 
 FINETUNE_VERSION = 1
 LOSS_MODES = ("cross-entropy", "reconstruction", "distillation")
-DEFAULT_STRENGTH = {"pairwise": 1.0, "mixture": 1.0}
 
 
 @dataclass
@@ -46,7 +45,8 @@ class FinetuneConfig:
         epochs: soft-tying epochs over the calibration inputs (0: merge right away).
         lr: Adam learning rate for the weights (the mixture prior's parameters use the same).
         batch_size: mini-batch size.
-        strength: lambda at the end of the warm-up; None: the prior's default (`DEFAULT_STRENGTH`).
+        strength: lambda at the end of the warm-up (see `SoftTie`; the pull on a weight is about
+            lambda * (w - its centre) for either prior).
         prior: "pairwise" or "mixture".
         zero_component: (mixture) one component fixed at 0.
         warmup: fraction of the soft-tying steps over which lambda grows linearly from 0.
@@ -62,7 +62,7 @@ class FinetuneConfig:
     epochs: int = 8
     lr: float = 1e-3
     batch_size: int = 32
-    strength: float | None = None
+    strength: float = 1.0
     prior: str = "pairwise"
     zero_component: bool = False
     warmup: float = 0.5
@@ -81,7 +81,7 @@ class FinetuneConfig:
             (self.prior in PRIORS, f"prior must be one of {', '.join(PRIORS)}, got {self.prior!r}"),
             (0 <= self.warmup <= 1, f"warmup must be a fraction between 0 and 1, got {self.warmup}"),
             (self.update_every >= 1, f"update_every must be >= 1, got {self.update_every}"),
-            (self.strength is None or (math.isfinite(self.strength) and self.strength >= 0),
+            (math.isfinite(self.strength) and self.strength >= 0,
              f"strength must be a finite number >= 0, got {self.strength}"),
             (not self.zero_component or self.prior == "mixture",
              "a zero component (--zero-component) needs the mixture prior (--prior mixture)"),
@@ -89,11 +89,6 @@ class FinetuneConfig:
         for ok, message in checks:
             if not ok:
                 raise BadInputError(f"fine-tuning: {message}")
-
-    @property
-    def lam(self) -> float:
-        """The strength in effect (the prior's default when `strength` is None)."""
-        return DEFAULT_STRENGTH[self.prior] if self.strength is None else float(self.strength)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -168,7 +163,7 @@ def finetune_(model: nn.Module, plan: TiePlan, data, cfg: FinetuneConfig | None 
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         steps_per_epoch = math.ceil(len(inputs) / cfg.batch_size)
-        st = SoftTie(model, plan, strength=cfg.lam, prior=cfg.prior, zero_component=cfg.zero_component,
+        st = SoftTie(model, plan, strength=cfg.strength, prior=cfg.prior, zero_component=cfg.zero_component,
                      warmup_steps=round(cfg.warmup * cfg.epochs * steps_per_epoch), update_every=cfg.update_every)
         if cfg.epochs:
             opt = torch.optim.Adam([*model.parameters(), *st.parameters()], lr=cfg.lr)

@@ -494,10 +494,9 @@ def _module_types(model: nn.Module, program, params: dict) -> tuple[dict[str, st
     for path, module in model.named_modules(remove_duplicate=False):
         for attr, _ in module.named_parameters(recurse=False):
             owners.setdefault(f"{path}.{attr}" if path else attr, type(module))
-    known = {n: t for n, t in owners.items() if t is not nn.Module}
-    if isinstance(model, torch.fx.GraphModule) and not known:
-        return {}, "fallback"
-    return {n: registry.qualified_name(t) for n, t in owners.items() if n in params}, "modules"
+    # a bare nn.Module (an unflattened program's submodule, a checkpoint's folder) says nothing
+    known = {n: registry.qualified_name(t) for n, t in owners.items() if n in params and t is not nn.Module}
+    return known, ("modules" if known else "fallback")
 
 
 def _types_from_graph(program: torch.export.ExportedProgram) -> dict[str, str]:

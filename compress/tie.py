@@ -150,33 +150,30 @@ def _working_copy(loaded, data) -> tuple[nn.Module, nn.Module | None, tuple | No
             warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation on deepcopy
             # a copy: `program.module()` shares its tensors with the program (and with loaded.module)
             return copy.deepcopy(module), module, (tuple(examples) if examples else None)
-    return _TensorHolder.build(loaded.tensors, getattr(loaded, "aliases", {}) or {}), None, None
+    return _tensor_module(loaded.tensors, getattr(loaded, "aliases", {}) or {}), None, None
 
 
-class _TensorHolder(nn.Module):
-    """A module whose parameters are a checkpoint's tensors (for inputs without a graph)."""
-
-    @classmethod
-    def build(cls, tensors, aliases: dict[str, str]) -> _TensorHolder:
-        root = cls()
-        made: dict[str, nn.Parameter] = {}
-        for name in tensors:
-            *path, attr = name.split(".")
-            module = root
-            for part in path:
-                if not part:
-                    raise UnsupportedModelError(f"tensor name {name!r} has an empty path segment; rename it")
-                if not hasattr(module, part):
-                    module.add_module(part, nn.Module())
-                module = getattr(module, part)
-            target = aliases.get(name)
-            if target in made:  # storage shared in the file stays one parameter
-                p = made[target]
-            else:
-                p = nn.Parameter(tensors[name].detach().clone(), requires_grad=False)
-            made[name] = p
-            module.register_parameter(attr, p)
-        return root
+def _tensor_module(tensors, aliases: dict[str, str]) -> nn.Module:
+    """A bare module whose parameters are a checkpoint's tensors (for inputs without a graph)."""
+    root = nn.Module()
+    made: dict[str, nn.Parameter] = {}
+    for name in tensors:
+        *path, attr = name.split(".")
+        module = root
+        for part in path:
+            if not part:
+                raise UnsupportedModelError(f"tensor name {name!r} has an empty path segment; rename it")
+            if not hasattr(module, part):
+                module.add_module(part, nn.Module())
+            module = getattr(module, part)
+        target = aliases.get(name)
+        if target in made:  # storage shared in the file stays one parameter
+            p = made[target]
+        else:
+            p = nn.Parameter(tensors[name].detach().clone(), requires_grad=False)
+        made[name] = p
+        module.register_parameter(attr, p)
+    return root
 
 
 def _finetune_config(finetune: FinetuneConfig | None, data, reference, path) -> FinetuneConfig | None:

@@ -1,0 +1,115 @@
+"""Bytes on disk: fp32 vs the toolkit's ONNX and safetensors, the ideal bound, and general compressors.
+
+For the four digits samples and MiniLM (sentence embedder): the fp32 ONNX (same dynamo export
+settings as the toolkit's), fp32 safetensors (`safetensors.torch.save_model`), the toolkit's ONNX and
+safetensors at `TieConfig(bits=4)` (see `_artifacts.py`), the bound the exporters report (indices at
+ceil(n * bits / 8) bytes + codebooks + every dense tensor once + the graph), and what gzip (level 6)
+and zstd (level 19, when the `zstandard` module is importable) make of each file.
+
+    python bench/storage.py          # ~2 min on 2 cores
+    python bench/storage.py --quick  # the digits samples only
+"""
+
+from __future__ import annotations
+
+import gzip
+import tempfile
+import time
+from pathlib import Path
+
+import _common as C
+
+GZIP_LEVEL = 6
+ZSTD_LEVEL = 19
+
+
+def _zstd():
+    try:
+        import zstandard
+    except ImportError:
+        return None
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+
+
+def sizes(path: Path, zstd) -> dict:
+    data = Path(path).read_bytes()
+    return {"bytes": len(data), "gzip": len(gzip.compress(data, GZIP_LEVEL)),
+            "zstd": None if zstd is None else len(zstd.compress(data))}
+
+
+def clustered_bound(report) -> int:
+    """Indices at ceil(n * bits / 8) bytes plus codebooks, merged tensors only."""
+    return sum(t.bound_bytes for t in report.tensors if t.storage == "codebook")
+
+
+def measure(b, zstd) -> dict:
+    files = {"fp32 onnx": b.fp32_onnx, "fp32 safetensors": b.fp32_safetensors, "ours onnx": b.onnx,
+             "ours safetensors": b.safetensors}
+    out = {k: sizes(p, zstd) for k, p in files.items()}
+    out["onnx bound"] = b.onnx_report.bound_bytes
+    out["safetensors bound"] = b.st_report.bound_bytes
+    out["clustered bound"] = clustered_bound(b.onnx_report)
+    out["clustered"] = {"tensors": b.clustered, "numel": b.clustered_numel, "of_total": b.total_numel}
+    out["left_dense"] = [t.name for t in b.onnx_report.left_dense()]
+    return out
+
+
+def tables(results: dict, zstd_ok: bool) -> list[C.Table]:
+    main = C.Table("storage", "Bytes on disk at 4 bits per clustered weight (TieConfig(bits=4)): files, ratios, bound",
+                   ["model", "clustered", "fp32 ONNX", "ours ONNX", "fp32/ours", "ONNX bound", "ONNX/bound",
+                    "fp32 safetensors", "ours safetensors", "fp32/ours", "safetensors/bound"])
+    for name, r in results.items():
+        c = r["clustered"]
+        main.add(name, f"{c['numel'] / c['of_total']:.0%} of {c['of_total']:,}",
+                 C.fmt_bytes(r["fp32 onnx"]["bytes"]), C.fmt_bytes(r["ours onnx"]["bytes"]),
+                 f"{r['fp32 onnx']['bytes'] / r['ours onnx']['bytes']:.2f}x", C.fmt_bytes(r["onnx bound"]),
+                 f"{r['ours onnx']['bytes'] / r['onnx bound']:.3f}", C.fmt_bytes(r["fp32 safetensors"]["bytes"]),
+                 C.fmt_bytes(r["ours safetensors"]["bytes"]),
+                 f"{r['fp32 safetensors']['bytes'] / r['ours safetensors']['bytes']:.2f}x",
+                 f"{r['ours safetensors']['bytes'] / r['safetensors bound']:.3f}")
+    main.notes = [("'clustered': share of the parameters that got a codebook (the rest stay fp32: biases, norms, "
+                  "tensors under 1,024 elements). Bound: indices at ceil(n*bits/8) bytes + codebooks + dense tensors "
+                  "once + graph/header, as the exporter reports it.")]
+    comp = C.Table("storage_compressed", f"The same files through gzip -{GZIP_LEVEL}"
+                   + (f" and zstd -{ZSTD_LEVEL}" if zstd_ok else ""),
+                   ["model", "fp32 ONNX gz", "ours ONNX gz", "fp32 gz / ours gz", "ours ONNX gz / ours ONNX",
+                    "ours safetensors gz", *(["fp32 ONNX zst", "ours ONNX zst", "ours safetensors zst"] if zstd_ok else [])])
+    for name, r in results.items():
+        cells = [C.fmt_bytes(r["fp32 onnx"]["gzip"]), C.fmt_bytes(r["ours onnx"]["gzip"]),
+                 f"{r['fp32 onnx']['gzip'] / r['ours onnx']['gzip']:.2f}x",
+                 f"{r['ours onnx']['gzip'] / r['ours onnx']['bytes']:.3f}", C.fmt_bytes(r["ours safetensors"]["gzip"])]
+        if zstd_ok:
+            cells += [C.fmt_bytes(r[k]["zstd"]) for k in ("fp32 onnx", "ours onnx", "ours safetensors")]
+        comp.add(name, *cells)
+    if not zstd_ok:
+        comp.notes = [("zstd not measured: the `zstandard` module is not importable in this environment "
+                      "(not installed; installing packages was out of scope).")]
+    return [main, comp]
+
+
+def main() -> int:
+    args = C.parse_args(__doc__.splitlines()[0])
+    started = time.perf_counter()
+    C.quiet()
+    from _artifacts import SAMPLE_NAMES, build_minilm, build_sample
+
+    zstd = _zstd()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-storage-") as tmp:
+        tmp = Path(tmp)
+        builders = [(n, lambda n=n: build_sample(n, tmp / n)) for n in SAMPLE_NAMES]
+        if not args.quick:
+            builders.append(("minilm", lambda: build_minilm(tmp / "minilm")))
+        for name, make in builders:
+            b = make()
+            results[name] = measure(b, zstd)
+            print(f"{name}: fp32 {results[name]['fp32 onnx']['bytes']:,} B, ours {results[name]['ours onnx']['bytes']:,} B",
+                  flush=True)
+    C.finish("storage", started, args, tables(results, zstd is not None),
+             {"files": results, "gzip_level": GZIP_LEVEL, "zstd_level": ZSTD_LEVEL if zstd else None,
+              "zstd": "measured" if zstd else "zstandard not importable"})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
