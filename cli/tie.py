@@ -34,7 +34,8 @@ from . import options
 @click.option("--data", "data_path", type=click.Path(path_type=Path), default=None,
               help="Data file (calib/test inputs, optional targets): enables fine-tuning and accuracy.")
 @click.option("--epochs", type=int, default=None,
-              help=f"Soft-tying epochs with --data (default {FinetuneConfig.epochs}; 0: post-training only).")
+              help=f"Soft-tying epochs with --data (default: enough for {FinetuneConfig.min_steps} steps, at "
+                   "least 3; 0: post-training clustering only).")
 @click.option("--strength", type=float, default=None,
               help=f"Soft-tying strength lambda (default {FinetuneConfig.strength}): the pull on each weight is "
                    "about lambda * (w - its centre), whatever the tensor's size.")
@@ -64,7 +65,7 @@ def command(model: Path, out_dir: Path, bits: int | None, tolerance: float | Non
                   importance=importance, exclude=exclude, include=include)
     if epochs is not None and data_path is None and epochs > 0:
         raise BadInputError("--epochs needs --data FILE (fine-tuning trains on it)")
-    finetune = FinetuneConfig(epochs=FinetuneConfig.epochs if epochs is None else epochs,
+    finetune = FinetuneConfig(epochs=epochs,
                               strength=FinetuneConfig.strength if strength is None else strength,
                               prior=prior, zero_component=zero_component, seed=seed,
                               codebook_epochs=0 if epochs == 0 else FinetuneConfig.codebook_epochs)

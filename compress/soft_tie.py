@@ -49,6 +49,10 @@ from .plan import TensorPlan, TiePlan
 
 PRIORS = ("pairwise", "mixture")
 _SHARPEN = math.log(1e-4)  # the variance cap shrinks by this factor over the warm-up
+# Components start at a quarter of their cluster's variance: a mixture whose variances are as wide as
+# the clusters has its maximum likelihood with the means merged (deterministic annealing's critical
+# temperature is twice the cluster variance), which sent both 1-bit means of the digits CNN's head to 0.
+_START = math.log(0.25)
 
 
 @dataclass
@@ -230,7 +234,7 @@ class _Mixture:
         self.mu: dict[str, nn.Parameter] = {}
         self.log_var: dict[str, nn.Parameter] = {}
         self.logits: dict[str, nn.Parameter] = {}
-        self.log_var0: dict[str, float] = {}  # log of the initial mean variance: scale and cap
+        self.log_var0: dict[str, float] = {}  # log of the starting mean variance: scale and cap
         for t in tensors:
             self._init(t)
 
@@ -251,9 +255,9 @@ class _Mixture:
         var = torch.where(counts > 1, sq / counts.clamp(min=1), torch.full_like(sq, spread / k ** 2))
         var = var.clamp(min=spread * 1e-4)
         dtype = t.param.dtype
-        self.log_var0[name] = math.log(float(var.mean()))
+        self.log_var0[name] = math.log(float(var.mean())) + _START
         self.mu[name] = nn.Parameter((c[:, 1:] if self.zero else c).to(dtype).clone())
-        self.log_var[name] = nn.Parameter(var.log().reshape(groups, k).to(dtype))
+        self.log_var[name] = nn.Parameter((var.log() + _START).reshape(groups, k).to(dtype))
         self.logits[name] = nn.Parameter(((counts + 1) / (counts + 1).sum()).log().reshape(groups, k).to(dtype))
 
     def parameters(self) -> list[nn.Parameter]:

@@ -164,7 +164,7 @@ def _tensor_module(tensors, aliases: dict[str, str]) -> nn.Module:
             if not part:
                 raise UnsupportedModelError(f"tensor name {name!r} has an empty path segment; rename it")
             if not hasattr(module, part):
-                module.add_module(part, nn.Module())
+                _add(module.add_module, name, part, nn.Module())
             module = getattr(module, part)
         target = aliases.get(name)
         if target in made:  # storage shared in the file stays one parameter
@@ -172,18 +172,25 @@ def _tensor_module(tensors, aliases: dict[str, str]) -> nn.Module:
         else:
             p = nn.Parameter(tensors[name].detach().clone(), requires_grad=False)
         made[name] = p
-        module.register_parameter(attr, p)
+        _add(module.register_parameter, name, attr, p)
     return root
+
+
+def _add(register, name: str, attr: str, value) -> None:
+    try:
+        register(attr, value)
+    except (KeyError, TypeError) as e:
+        raise UnsupportedModelError(f"tensor {name!r} cannot be placed in a module tree ({e}); rename it") from e
 
 
 def _finetune_config(finetune: FinetuneConfig | None, data, reference, path) -> FinetuneConfig | None:
     """The fine-tuning to run, or None for post-training clustering only."""
     if data is None:
-        if finetune is not None and (finetune.epochs or finetune.codebook_epochs):
+        if finetune is not None and (finetune.epochs != 0 or finetune.codebook_epochs):
             raise BadInputError("fine-tuning (--epochs) needs calibration data (--data FILE)")
         return None
     ft = finetune or FinetuneConfig()
-    if not (ft.epochs or ft.codebook_epochs):
+    if ft.epochs == 0 and not ft.codebook_epochs:
         return None
     if reference is None:
         raise BadInputError(f"{path} holds only tensors (no graph or module), so it cannot be fine-tuned; "

@@ -223,7 +223,7 @@ def test_loss_mode():
     ({"prior": "cauchy"}, "fine-tuning: prior must be one of pairwise, mixture, got 'cauchy'"),
     ({"lr": 0.0}, "fine-tuning: lr must be a positive number, got 0.0"),
     ({"epoch": 3}, "fine-tuning config: unknown key 'epoch'; known keys: batch_size, codebook_epochs, epochs, lr, "
-                   "prior, progress, seed, strength, update_every, version, warmup, zero_component"),
+                   "min_steps, prior, progress, seed, strength, update_every, version, warmup, zero_component"),
 ])
 def test_finetune_config_errors(config, message):
     with pytest.raises(BadInputError) as e:
