@@ -22,6 +22,7 @@ import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,9 @@ from .errors import BadInputError
 from .merge import merge_
 from .plan import TiePlan
 from .soft_tie import PRIORS, SoftTie
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11+; only for the annotation
 
 FINETUNE_VERSION = 1
 LOSS_MODES = ("cross-entropy", "reconstruction", "distillation")
@@ -165,13 +169,13 @@ def finetune_(model: nn.Module, plan: TiePlan, data, cfg: FinetuneConfig | None 
     inputs, targets = data.calib_inputs, data.calib_targets
     if len(inputs) == 0:
         raise BadInputError("fine-tuning needs calibration inputs; the data file has none")
-    with torch.no_grad():
-        mode = loss_mode(model(inputs[:2]), inputs[:2], targets)
+    with torch.no_grad(), train_mode(model, False):
+        kind = loss_mode(model(inputs[:2]), inputs[:2], targets)
     teacher = _teacher_outputs(original if original is not None else copy.deepcopy(model), inputs) \
-        if mode == "distillation" else None
-    loss_fn = _loss_fn(mode, inputs, targets, teacher)
+        if kind == "distillation" else None
+    loss_fn = _loss_fn(kind, inputs, targets, teacher)
     history: list[dict] = []
-    with torch.random.fork_rng(devices=[]), _training(model), _Progress(cfg) as bar:
+    with torch.random.fork_rng(devices=[]), train_mode(model, True), _Progress(cfg) as bar:
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         steps_per_epoch = math.ceil(len(inputs) / cfg.batch_size)
@@ -194,7 +198,7 @@ def finetune_(model: nn.Module, plan: TiePlan, data, cfg: FinetuneConfig | None 
             for epoch in range(cfg.codebook_epochs):
                 history.append(_epoch(model, opt, loss_fn, _batches(len(inputs), cfg.batch_size, gen), None, bar)
                                | {"epoch": epoch + 1, "phase": "codebooks"})
-    return FinetuneResult(refresh_codebooks(model, codebooks), mode, st.steps, history, epochs)
+    return FinetuneResult(refresh_codebooks(model, codebooks), kind, st.steps, history, epochs)
 
 
 def refresh_codebooks(model: nn.Module, codebooks: Codebooks) -> Codebooks:
@@ -231,11 +235,12 @@ def _epoch(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable, batc
 
 
 @contextlib.contextmanager
-def _training(model: nn.Module) -> Iterator[None]:
-    """Train mode (dropout, batch norm) for the loop, restored after; exported programs have no modes."""
+def train_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """Train or eval mode (dropout, batch norm) inside the block, restored after; exported programs
+    have no modes and are left as they are."""
     was = model.training
     try:
-        model.train()
+        model.train(training)
     except NotImplementedError:
         yield
         return
@@ -251,7 +256,8 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Te
 
 @torch.no_grad()
 def _teacher_outputs(original: nn.Module, inputs: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    return torch.cat([original(inputs[s:s + batch_size]) for s in range(0, len(inputs), batch_size)])
+    with train_mode(original, False):
+        return torch.cat([original(inputs[s:s + batch_size]) for s in range(0, len(inputs), batch_size)])
 
 
 def _loss_fn(mode: str, inputs: torch.Tensor, targets: torch.Tensor | None, teacher: torch.Tensor | None
@@ -272,7 +278,7 @@ class _Progress:
         self._task = None
         self._count = 0
 
-    def __enter__(self) -> _Progress:
+    def __enter__(self) -> Self:
         from rich.console import Console
 
         console = Console(stderr=True)

@@ -325,7 +325,7 @@ class TiePlan:
                                 f"(this is {PLAN_VERSION}); re-run `compress tie`")
         unknown = set(d) - {"version", "module_types", "config", "tensors", "ties"}
         if unknown:
-            raise BadInputError(f"{source}: unknown key {sorted(unknown)[0]!r}")
+            raise BadInputError(f"{source}: unknown key {min(unknown)!r}")
         return cls([TensorPlan.from_dict(t) for t in d.get("tensors", [])],
                    [PlannedTie.from_dict(t) for t in d.get("ties", [])],
                    TieConfig.from_dict(d.get("config", {}), source=f"{source}: config"),
@@ -635,34 +635,41 @@ def _importance(model: nn.Module, data, names: set[str], batch_size: int = 256, 
     input's shape); without targets it is `r . f(x)` with random signs r, whose squared gradient
     estimates the diagonal of J^T J, the curvature of output distillation (Hutchinson).
     """
-    from .finetune import loss_mode
+    from .finetune import train_mode
 
     params = {n: p for n, p in model.named_parameters() if n in names}
-    sums = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
-    inputs, targets = data.calib_inputs, data.calib_targets
-    gen = torch.Generator().manual_seed(seed)
     flags = {n: p.requires_grad for n, p in params.items()}
     for p in params.values():
         p.requires_grad_(True)
     try:
-        batches = 0
-        for start in range(0, len(inputs), batch_size):
-            x = inputs[start:start + batch_size]
-            out = model(x)
-            mode = loss_mode(out, x, targets)
-            if mode == "cross-entropy":
-                loss = nn.functional.cross_entropy(out, targets[start:start + batch_size])
-            elif mode == "reconstruction":
-                loss = nn.functional.mse_loss(out, x)
-            else:
-                signs = torch.randint(0, 2, out.shape, generator=gen).to(out.dtype) * 2 - 1
-                loss = (signs * out).sum() / len(x)
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            for (n, _), g in zip(params.items(), grads):
-                if g is not None:
-                    sums[n] += g.double() ** 2
-            batches += 1
+        with train_mode(model, False):
+            return _mean_squared_grads(model, params, data, batch_size, torch.Generator().manual_seed(seed))
     finally:
         for n, p in params.items():
             p.requires_grad_(flags[n])
+
+
+def _mean_squared_grads(model: nn.Module, params: dict, data, batch_size: int, gen: torch.Generator
+                        ) -> dict[str, torch.Tensor]:
+    from .finetune import loss_mode
+
+    sums = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    inputs, targets = data.calib_inputs, data.calib_targets
+    batches = 0
+    for start in range(0, len(inputs), batch_size):
+        x = inputs[start:start + batch_size]
+        out = model(x)
+        kind = loss_mode(out, x, targets)
+        if kind == "cross-entropy":
+            loss = nn.functional.cross_entropy(out, targets[start:start + batch_size])
+        elif kind == "reconstruction":
+            loss = nn.functional.mse_loss(out, x)
+        else:
+            signs = torch.randint(0, 2, out.shape, generator=gen).to(out.dtype) * 2 - 1
+            loss = (signs * out).sum() / len(x)
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for n, g in zip(params, grads):
+            if g is not None:
+                sums[n] += g.double() ** 2
+        batches += 1
     return {n: s / max(batches, 1) for n, s in sums.items()}

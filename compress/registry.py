@@ -46,9 +46,9 @@ def register_norm(module_type: type) -> None:
 
 def _lookup(module_type: type | str) -> tuple[type | None, tuple[str, ...] | None]:
     if isinstance(module_type, str):
-        for t in _CLUSTERABLE:
+        for t, names in _CLUSTERABLE.items():
             if qualified_name(t) == module_type:
-                return t, _CLUSTERABLE[t]
+                return t, names
         return None, None
     for t in module_type.__mro__:
         if t in _CLUSTERABLE:

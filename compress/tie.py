@@ -31,7 +31,7 @@ from ._atomic import atomic_outputs, check_output
 from ._units import format_bytes
 from .codebook import Codebooks, bits_for
 from .errors import BadInputError, UnsupportedModelError
-from .finetune import FinetuneConfig, FinetuneResult, finetune_, loss_mode
+from .finetune import FinetuneConfig, FinetuneResult, finetune_, loss_mode, train_mode
 from .merge import current_weight, merge_
 from .plan import TieConfig, TiePlan, analyze, json_text
 
@@ -215,7 +215,7 @@ def _check_data(data, model: nn.Module, examples: tuple | None, data_path) -> No
             raise BadInputError(f"{where}: {split}_targets has {len(y)} rows, {split}_inputs has {len(x)}")
     x = data.calib_inputs[:3] if len(data.calib_inputs) else data.test_inputs[:3]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), train_mode(model, False):
             out = model(x)
     except Exception as e:  # the model's own error says what it wanted
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -278,18 +278,19 @@ def _quality(reference: nn.Module | None, merged: nn.Module, data, examples: tup
     a, b = _run(reference, x), _run(merged, x)
     out = {"inputs": label, "max_abs_error": float((a - b).abs().max()),
            "mean_cosine": float(F.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1).mean())}
-    mode = loss_mode(a, x, y)
-    if mode == "cross-entropy":
+    kind = loss_mode(a, x, y)
+    if kind == "cross-entropy":
         out["accuracy_before"] = 100.0 * float((a.argmax(1) == y).double().mean())
         out["accuracy_after"] = 100.0 * float((b.argmax(1) == y).double().mean())
-    elif mode == "reconstruction":
+    elif kind == "reconstruction":
         out["mse_before"] = float(F.mse_loss(a.double(), x.double()))
         out["mse_after"] = float(F.mse_loss(b.double(), x.double()))
     return out
 
 
 def _run(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    return torch.cat([model(x[s:s + batch]) for s in range(0, len(x), batch)])
+    with train_mode(model, False):
+        return torch.cat([model(x[s:s + batch]) for s in range(0, len(x), batch)])
 
 
 # --- writing --------------------------------------------------------------------------------------

@@ -58,6 +58,14 @@ def test_state_dict_holds_codebook_and_index_not_the_dense_weight():
         assert torch.equal(sd[name], before[name])
 
 
+def test_excluded_tensors_are_untouched():
+    model = TwoLayer()
+    before = model.fc1.weight.detach().clone()
+    codebooks = merge_(model, analyze(model, TieConfig(bits=2, exclude=["fc1.*"], min_elements=0)))
+    assert list(codebooks.tensors) == ["fc2.weight"]
+    assert torch.equal(model.fc1.weight, before) and isinstance(model.fc1.weight, nn.Parameter)
+
+
 def test_merge_moves_each_weight_to_its_nearest_centre():
     model = TwoLayer()
     w = model.fc1.weight.detach().clone()

@@ -155,7 +155,7 @@ def test_soft_tie_refuses_bad_settings(kwargs, message):
 
 # --- the built-in loop ------------------------------------------------------------------------------
 
-_FAST = dict(epochs=2, codebook_epochs=1, batch_size=16, progress=False)
+_FAST = {"epochs": 2, "codebook_epochs": 1, "batch_size": 16, "progress": False}
 
 
 def test_finetune_is_reproducible_bit_for_bit():
@@ -182,7 +182,7 @@ def test_finetune_with_another_seed_differs():
 
 def test_finetune_merges_and_keeps_the_model_working():
     model, data = trained_two_layer()
-    acc = lambda m: float((m(data.test_inputs).argmax(1) == data.test_targets).float().mean())  # noqa: E731
+    acc = lambda m: float((m(data.test_inputs).argmax(1) == data.test_targets).float().mean())
     before = acc(model)
     plan = analyze(model, TieConfig(bits=1))
     result = finetune_(model, plan, data, FinetuneConfig(epochs=4, batch_size=16, progress=False))
@@ -222,8 +222,8 @@ def test_loss_mode():
     ({"epochs": -1}, "fine-tuning: epochs must be >= 0, got -1"),
     ({"prior": "cauchy"}, "fine-tuning: prior must be one of pairwise, mixture, got 'cauchy'"),
     ({"lr": 0.0}, "fine-tuning: lr must be a positive number, got 0.0"),
-    ({"epoch": 3}, "fine-tuning config: unknown key 'epoch'; known keys: batch_size, codebook_epochs, epochs, lr, "
-                   "min_steps, prior, progress, seed, strength, update_every, version, warmup, zero_component"),
+    ({"epoch": 3}, ("fine-tuning config: unknown key 'epoch'; known keys: batch_size, codebook_epochs, epochs, lr, "
+                   "min_steps, prior, progress, seed, strength, update_every, version, warmup, zero_component")),
 ])
 def test_finetune_config_errors(config, message):
     with pytest.raises(BadInputError) as e:

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from compress.finetune import FinetuneConfig
-from compress.io import load, load_data
-from compress.plan import TiePlan
+from compress.io import Loaded, load, load_data
+from compress.plan import TieConfig, TiePlan
 from compress.tie import tie
 from tests._tie_fixtures import TiedCopies, TwoLayer, digits_like, save_data, save_pt2, trained_two_layer
 
@@ -137,6 +137,16 @@ def test_tied_copies_are_written_once(tmp_path):
     torch.testing.assert_close(written(x), result.model(x), rtol=0, atol=0)
 
 
+def test_a_module_without_example_inputs_borrows_them_from_the_data(tmp_path):
+    model, data = trained_two_layer()
+    loaded = Loaded(tmp_path / "net.pt", "module", dict(model.state_dict()), module=model)
+    result = tie(loaded, TieConfig(bits=2), data=data, finetune=FinetuneConfig(epochs=0, codebook_epochs=0),
+                 out_dir=tmp_path / "out")
+    assert result.model_path.name == "net.tied.pt2" and result.report["outputs"]["dynamic_batch"] is True
+    assert load(result.model_path).module(torch.randn(5, 48)).shape == (5, 4)
+    assert "accuracy_after" in result.report["quality"]
+
+
 # --- the bundled sample -----------------------------------------------------------------------------
 
 @pytest.mark.skipif(not (SAMPLES / "digits_mlp.pt2").exists(), reason="samples not built")
@@ -145,6 +155,9 @@ def test_sample_mlp_default_four_bits_keeps_accuracy(tmp_path):
     result = _run(str(SAMPLES / "digits_mlp.pt2"), "-o", str(out), "--data", str(SAMPLES / "digits_data.pt"),
                   "--epochs", "0")
     assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["digits_mlp.plan.json", "digits_mlp.report.json",
+                                                      "digits_mlp.tied.pt2"]
+    assert "accuracy" in result.output and "97.41%" in result.output
     report = json.loads((out / "digits_mlp.report.json").read_text())
     q = report["quality"]
     assert q["accuracy_before"] - q["accuracy_after"] <= 0.5
@@ -191,19 +204,19 @@ BAD = {
     "bits-9": (lambda t, m: [m, "--bits", "9"], "error: command line: bits must be between 1 and 8, got 9"),
     "bits-0": (lambda t, m: [m, "--bits", "0"], "error: command line: bits must be between 1 and 8, got 0"),
     "k-above-size": (lambda t, m: [m, "--bits", "8", "--include", "fc2.bias"],
-                     "error: `fc2.bias` has 4 elements, fewer than K=256 (8 bits); use fewer bits or pass "
-                     "--exclude 'fc2.bias'"),
+                     ("error: `fc2.bias` has 4 elements, fewer than K=256 (8 bits); use fewer bits or pass "
+                     "--exclude 'fc2.bias'")),
     "nan": (lambda t, m: [str(_nan_model(t))],
             "error: `fc1.weight` has 5 NaN/Inf values; clean the checkpoint or pass --exclude 'fc1.weight'"),
     "no-float": (lambda t, m: [str(_int_only(t))],
                  "error: the model has no floating-point parameters; there is nothing to tie"),
     "data-shape": (lambda t, m: [m, "--data", str(_wrong_data(t))],
-                   "error: {tmp}/wrong.pt: calib_inputs have shape [20, 30], the model expects ['batch', 48] "
-                   "(its example input is [4, 48])"),
+                   ("error: {tmp}/wrong.pt: calib_inputs have shape [20, 30], the model expects ['batch', 48] "
+                   "(its example input is [4, 48])")),
     "config-key": (lambda t, m: [m, "--config", str(_bad_config(t))],
-                   "error: {tmp}/tie.json: unknown key 'by_nam'; known keys: bits, by_name, by_type, exclude, "
+                   ("error: {tmp}/tie.json: unknown key 'by_nam'; known keys: bits, by_name, by_type, exclude, "
                    "granularity, group_size, importance, include, min_elements, tie_tensors, tie_tolerance, "
-                   "tolerance, version"),
+                   "tolerance, version")),
     "bits-and-tolerance": (lambda t, m: [m, "--bits", "2", "--tolerance", "0.1"],
                            "error: give --bits or --tolerance, not both"),
     "epochs-without-data": (lambda t, m: [m, "--epochs", "3"],
