@@ -24,8 +24,9 @@ from . import options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT_DIR,
               show_default=True, help="Folder for <stem>.tied.pt2, <stem>.plan.json and <stem>.report.json.")
-@click.option("--bits", type=int, default=None, help="Index bits per weight, 1..8 (K = 2**bits shared values). "
-              "Default 4.")
+@click.option("--bits", type=int, default=None,
+              help="Index bits per weight, 1..8 (K = 2**bits shared values); default 4. Flags set the global "
+                   "values: by_type/by_name overrides in --config still apply on top.")
 @click.option("--tolerance", type=float, default=None,
               help="Instead of --bits: the fewest shared values keeping every weight within this distance.")
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default=None,
@@ -58,7 +59,7 @@ def command(model: Path, out_dir: Path, bits: int | None, tolerance: float | Non
             prior: str, zero_component: bool, importance: bool, exclude: tuple[str, ...],
             include: tuple[str, ...], config_path: Path | None, seed: int, force: bool, trust_pickle: bool,
             json_path: str | None) -> None:
-    """Tie the weights of MODEL into shared values and write the merged model, plan and report to DIR."""
+    """Tie the weights of MODEL into shared values; write the merged model, plan and report to --out-dir."""
     from compress.io import load, load_data
 
     cfg = _config(config_path, bits=bits, tolerance=tolerance, granularity=granularity, group_size=group_size,

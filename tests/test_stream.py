@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from compress import stream
 from compress._atomic import TMP_PREFIX
 from compress.audit import AuditConfig, audit
 from compress.errors import BadInputError
@@ -122,15 +123,18 @@ def _row_blocks(t: torch.Tensor, cb) -> list[torch.Tensor]:
 
 # --- equal to the in-memory path ------------------------------------------------------------------
 
-@pytest.mark.parametrize("cfg", [
+CONFIGS = [
     TieConfig(bits=3),
     TieConfig(bits=2, granularity="channel", exclude=["head.*"]),
     TieConfig(bits=4, granularity="group", group_size=5, by_name={"conv.*": {"bits": 1}}),
     TieConfig(tolerance=0.01, include=["layers.0.norm.weight"]),
-], ids=["3bit-tensor", "2bit-channel-exclude", "4bit-group-by-name", "tolerance-include"])
-def test_equals_the_in_memory_path(ckpt, tmp_path, cfg):
-    result = tie_checkpoint(ckpt, tmp_path / "out", cfg, workers=1)
-    got = load_sharded(tmp_path / "out" / INDEX_NAME)
+]
+CONFIG_IDS = ["3bit-tensor", "2bit-channel-exclude", "4bit-group-by-name", "tolerance-include"]
+
+
+def _assert_equal_to_in_memory(ckpt: Path, out: Path, cfg: TieConfig) -> None:
+    result = tie_checkpoint(ckpt, out, cfg, workers=1)
+    got = load_sharded(out / INDEX_NAME)
     expected, codebooks, plan = _in_memory(cfg)
 
     assert sorted(got) == sorted(expected)
@@ -138,15 +142,34 @@ def test_equals_the_in_memory_path(ckpt, tmp_path, cfg):
         assert got[name].dtype == value.dtype, name
         assert got[name].shape == value.shape, name
         assert torch.equal(got[name], value), f"{name} differs from the in-memory merge"
-    stored = _stored_codebooks(tmp_path / "out")
+    stored = _stored_codebooks(out)
     assert sorted(stored) == sorted(codebooks.tensors) == sorted(t.name for t in plan.clustered())
     for name, cb in codebooks.tensors.items():
         assert stored[name].dtype == cb.codebook.dtype and torch.equal(stored[name], cb.codebook), name
         row = result.tensor(name)
         assert (row.action, row.k, row.bits) == ("cluster", cb.k, cb.bits)
         assert max(len(torch.unique(block)) for block in _row_blocks(got[name], cb)) <= cb.k
+        rms = float((got[name].double() - _original(name).double()).square().mean().sqrt())
+        assert row.rms_error == pytest.approx(rms, rel=1e-9, abs=1e-12)
     aliases = {t.name: (t.target, t.transpose) for t in result.tensors if t.action == "alias"}
     assert aliases == {a.name: (a.target, a.transpose) for a in codebooks.aliases.values()}
+
+
+def _original(name: str) -> torch.Tensor:
+    return next(shard[name] for shard in _tensors() if name in shard)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+def test_equals_the_in_memory_path(ckpt, tmp_path, cfg):
+    _assert_equal_to_in_memory(ckpt, tmp_path / "out", cfg)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+def test_labels_and_packing_in_small_blocks_change_nothing(ckpt, tmp_path, cfg, monkeypatch):
+    # real tensors are assigned and packed a block at a time; make the blocks tiny here
+    monkeypatch.setattr(stream, "_CHUNK", 64)
+    monkeypatch.setattr(stream, "_PACK_CHUNK", 16)
+    _assert_equal_to_in_memory(ckpt, tmp_path / "out", cfg)
 
 
 def test_kept_tensors_are_copied_byte_for_byte(ckpt, tmp_path):
