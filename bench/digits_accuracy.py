@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -196,8 +197,8 @@ def tables(rows: list[Row], fp32: dict[str, float], methods: list[str], bits: tu
     for m in methods:
         cells = []
         for name in MODELS:
-            secs = sorted(r.seconds for r in rows if r.model == name and r.method == m)
-            cells.append("—" if not secs else f"{secs[len(secs) // 2]:.1f}")
+            secs = [r.seconds for r in rows if r.model == name and r.method == m]
+            cells.append("—" if not secs else f"{statistics.median(secs):.1f}")
         timing.add(m, *cells)
     return out + [timing]
 

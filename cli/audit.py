@@ -39,7 +39,10 @@ def command(path: Path, tolerance: float, json_path: str | None, markdown: bool,
     for out in (json_path if json_path != "-" else None, plot_path):
         if out:  # refuse before the (possibly long) audit, not after it
             check_output(Path(out), force=force, inputs=[path])
-    loaded = load(path, trust_pickle=trust_pickle)
+    from compress.stream import is_safetensors_checkpoint, open_checkpoint
+
+    # safetensors are read through a memory map opened per tensor, so memory stays flat with size
+    loaded = open_checkpoint(path) if is_safetensors_checkpoint(path) else load(path, trust_pickle=trust_pickle)
     report = audit(loaded, cfg)
     shown = top or None
     if json_path == "-":

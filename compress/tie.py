@@ -16,10 +16,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import io as _io
+import os
 import platform
+import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._atomic import atomic_outputs, check_output
+from ._atomic import TMP_PREFIX, atomic_outputs, check_output
 from ._units import format_bytes
 from .codebook import Codebooks, bits_for
 from .errors import BadInputError, UnsupportedModelError
@@ -56,10 +58,21 @@ class TieResult:
     report_path: Path
     example_inputs: tuple | None = None
     finetune: FinetuneResult | None = None
+    exports: list = field(default_factory=list)  # ExportReport per exported file (ONNX, safetensors)
+    verification: list = field(default_factory=list)  # VerifyResult per exported file
 
     @property
     def paths(self) -> list[Path]:
-        return [self.model_path, self.plan_path, self.report_path]
+        return [self.model_path, self.plan_path, self.report_path, *self.export_paths]
+
+    @property
+    def export_paths(self) -> list[Path]:
+        return [Path(f) for e in self.exports for f in e.files]
+
+    @property
+    def verified(self) -> bool | None:
+        """True when every export matched the merged model; None when nothing was verified."""
+        return all(v.passed for v in self.verification) if self.verification else None
 
     def to_table(self):
         """A rich table: size, bits per weight, output error and accuracy, before and after."""
@@ -79,8 +92,8 @@ def output_paths(input_path: str | Path, out_dir: str | Path, graph: bool) -> tu
 
 
 def tie(loaded, cfg: TieConfig | None = None, *, data=None, finetune: FinetuneConfig | None = None,
-        out_dir: str | Path = DEFAULT_OUT_DIR, force: bool = False, data_path: str | Path | None = None
-        ) -> TieResult:
+        out_dir: str | Path = DEFAULT_OUT_DIR, force: bool = False, data_path: str | Path | None = None,
+        export: ExportOptions | None = None) -> TieResult:
     """Tie the weights of a loaded model and write the merged model, the plan and a report.
 
     Args:
@@ -93,6 +106,9 @@ def tie(loaded, cfg: TieConfig | None = None, *, data=None, finetune: FinetuneCo
         force: overwrite existing outputs.
         data_path: the data file, for messages and so that it is never overwritten
             (default: `data.path` when the splits carry it).
+        export: which files to export next to the merged model and how to verify them
+            (default `ExportOptions()`: ONNX when the model has a graph, safetensors always,
+            both verified on the CPU); `ExportOptions(onnx=False, safetensors=False)` skips it.
 
     Returns:
         `TieResult` with the merged model, codebooks, plan, report and output paths.
@@ -105,8 +121,10 @@ def tie(loaded, cfg: TieConfig | None = None, *, data=None, finetune: FinetuneCo
     model, reference, examples = _working_copy(loaded, data)
     graph = reference is not None and examples is not None
     paths = output_paths(loaded.path, out_dir, graph)
+    export = export or ExportOptions()
+    export_paths = _export_targets(paths[0], export, graph)
     inputs = [Path(loaded.path)] + ([Path(data_path)] if data_path else [])
-    for p in paths:
+    for p in [*paths, *export_paths]:
         check_output(p, force=force, inputs=inputs)
     ft = _finetune_config(finetune, data, reference, loaded.path)
     if data is not None and reference is not None:
@@ -124,14 +142,82 @@ def tie(loaded, cfg: TieConfig | None = None, *, data=None, finetune: FinetuneCo
     payload, dynamic = _serialize(model, examples if graph else None, getattr(loaded, "program", None))
     report = _report(loaded, data_path, cfg, ft, plan, codebooks, originals, before, _stored_bytes(model), quality,
                      ft_result, paths, dynamic, time.perf_counter() - started)
-    # Export (ONNX / safetensors) and verification of the merged model belong here, before the
-    # files are written, so that a failed verification leaves no outputs: they take `model`,
-    # `codebooks` and `examples`, add their paths to `paths` and their section to `report`.
-    with atomic_outputs(paths, force=force, inputs=inputs) as (tmp_model, tmp_plan, tmp_report):
-        tmp_model.write_bytes(payload)
-        tmp_plan.write_text(plan.to_json(), encoding="utf-8")
-        tmp_report.write_text(json_text(report), encoding="utf-8")
-    return TieResult(model, plan, codebooks, report, *paths, examples, ft_result)
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=_made(out_dir)) as staging:
+        exports, checks = _export_and_verify(model, codebooks, examples if graph else None, reference, data,
+                                             export, export_paths, Path(staging))
+        staged = [Path(f) for e in exports for f in e.files]
+        for e in exports:  # the reports name the staging folder's files; point them at the outputs
+            e.files = [str(Path(out_dir) / Path(f).name) for f in e.files]
+            e.path = str(Path(out_dir) / Path(e.path).name)
+        for v in checks:
+            v.path = str(Path(out_dir) / Path(v.path).name)
+        report["outputs"]["exports"] = [Path(f).name for e in exports for f in e.files]
+        report["exports"] = [e.to_dict() for e in exports]
+        report["verification"] = [v.to_dict() for v in checks]
+        with atomic_outputs([*paths, *(Path(out_dir) / p.name for p in staged)], force=force,
+                            inputs=inputs) as tmps:
+            tmps[0].write_bytes(payload)
+            tmps[1].write_text(plan.to_json(), encoding="utf-8")
+            tmps[2].write_text(json_text(report), encoding="utf-8")
+            for src, tmp in zip(staged, tmps[3:]):
+                os.replace(src, tmp)
+    return TieResult(model, plan, codebooks, report, *paths, examples, ft_result, exports, checks)
+
+
+@dataclass
+class ExportOptions:
+    """What `tie` exports after merging, and how it verifies the exports.
+
+    `onnx`: write `<stem>.onnx` (only for models with a graph and example inputs); `safetensors`:
+    write `<stem>.safetensors`; `verify`: run the ONNX file in onnxruntime on the test (or example)
+    inputs and load the safetensors back, against the merged model, within `atol`/`rtol`.
+    """
+
+    onnx: bool = True
+    safetensors: bool = True
+    verify: bool = True
+    provider: str = "cpu"
+    atol: float = 1e-4
+    rtol: float = 1e-4
+    codebook_dtype: str = "float32"
+
+
+def _export_targets(model_path: Path, export: ExportOptions, graph: bool) -> list[Path]:
+    stem = model_path.name.rsplit(".tied.", 1)[0]
+    out = []
+    if export.onnx and graph:
+        out.append(model_path.parent / f"{stem}.onnx")
+    if export.safetensors:
+        out.append(model_path.parent / f"{stem}.safetensors")
+    return out
+
+
+def _made(folder) -> Path:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder)
+
+
+def _export_and_verify(model: nn.Module, codebooks: Codebooks, examples: tuple | None, reference, data,
+                       export: ExportOptions, targets: list[Path], staging: Path) -> tuple[list, list]:
+    """Export into `staging` (the final names, so external data references stay right) and verify."""
+    from .export import export_onnx, export_safetensors
+    from .verify import verify, verify_safetensors
+
+    exports, checks = [], []
+    for target in targets:
+        path = staging / target.name
+        if target.suffix == ".onnx":
+            exports.append(export_onnx(model, codebooks, path, examples, codebook_dtype=export.codebook_dtype))
+            if export.verify:
+                x = data.test_inputs if data is not None and len(data.test_inputs) else examples
+                y = data.test_targets if data is not None and len(data.test_inputs) else None
+                checks.append(verify(path, model, x, provider=export.provider, atol=export.atol,
+                                     rtol=export.rtol, original=reference, measure_runtime=False, targets=y))
+        else:
+            exports.append(export_safetensors(model, codebooks, path))
+            if export.verify:
+                checks.append(verify_safetensors(path, model))
+    return exports, checks
 
 
 # --- the working model ----------------------------------------------------------------------------

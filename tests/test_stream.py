@@ -375,3 +375,10 @@ def test_reading_every_tensor_leaves_no_shard_mapped(ckpt):
     for name in held:
         assert held[name].numel() >= 0
     assert _mapped(shards) == {s.name for s in shards}
+
+
+def test_default_workers_fit_in_available_memory(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(stream, "_available_memory", lambda: 1)  # room for no worker at all: one, in-process
+    assert tie_checkpoint(ckpt, tmp_path / "out", TieConfig(bits=2)).workers == 1
+    with pytest.raises(BadInputError, match="workers must be a positive integer, got 0"):
+        tie_checkpoint(ckpt, tmp_path / "other", TieConfig(bits=2), workers=0)

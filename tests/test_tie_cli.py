@@ -46,13 +46,15 @@ def tiny(_tiny_files, tmp_path) -> tuple[Path, Path]:
     return tmp_path / "tiny.pt2", tmp_path / "tiny_data.pt"
 
 
-def test_tie_writes_model_plan_and_report_and_prints_a_table(tiny, tmp_path):
+def test_tie_writes_model_plan_report_and_verified_exports_and_prints_tables(tiny, tmp_path):
     pt2, _ = tiny
     before = _sha(pt2)
     out = tmp_path / "out"
     result = _run(str(pt2), "-o", str(out), "--bits", "2")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["tiny.plan.json", "tiny.report.json", "tiny.tied.pt2"]
+    assert sorted(p.name for p in out.iterdir()) == ["tiny.onnx", "tiny.plan.json", "tiny.report.json",
+                                                     "tiny.safetensors", "tiny.tied.pt2"]
+    assert "files written" in result.output and "✓" in result.output
     assert _sha(pt2) == before
     for row in ("before", "after", "size", "bits per weight", "output mean cosine"):
         assert row in result.output
@@ -62,6 +64,8 @@ def test_tie_writes_model_plan_and_report_and_prints_a_table(tiny, tmp_path):
     assert report["size"]["after_bytes"] < report["size"]["before_bytes"]
     assert {t["name"]: t.get("k") for t in report["tensors"]}["fc1.weight"] == 4
     # the written model runs at any batch size and holds codebooks, not the dense weight
+    assert [v["passed"] for v in report["verification"]] == [True, True]
+    assert report["outputs"]["exports"] == ["tiny.onnx", "tiny.safetensors"]
     merged = load(out / "tiny.tied.pt2")
     assert "fc1.parametrizations.weight.original" in merged.tensors and "fc1.weight" not in merged.tensors
     assert merged.module(torch.randn(9, 48)).shape == (9, 4)
@@ -155,7 +159,8 @@ def test_sample_mlp_default_four_bits_keeps_accuracy(tmp_path):
     result = _run(str(SAMPLES / "digits_mlp.pt2"), "-o", str(out), "--data", str(SAMPLES / "digits_data.pt"),
                   "--epochs", "0")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["digits_mlp.plan.json", "digits_mlp.report.json",
+    assert sorted(p.name for p in out.iterdir()) == ["digits_mlp.onnx", "digits_mlp.plan.json",
+                                                      "digits_mlp.report.json", "digits_mlp.safetensors",
                                                       "digits_mlp.tied.pt2"]
     assert "accuracy" in result.output and "97.41%" in result.output
     report = json.loads((out / "digits_mlp.report.json").read_text())
@@ -173,7 +178,8 @@ def test_tie_library_call_on_the_sample_leaves_the_input_untouched(tmp_path):
     result = tie(loaded, data=data, out_dir=tmp_path, finetune=FinetuneConfig(epochs=0, codebook_epochs=0))
     assert torch.equal(loaded.module.fc1.weight, weight)
     assert result.model.fc1.weight.unique().numel() <= 16
-    assert [p.name for p in result.paths] == ["digits_mlp.tied.pt2", "digits_mlp.plan.json", "digits_mlp.report.json"]
+    assert [p.name for p in result.paths] == ["digits_mlp.tied.pt2", "digits_mlp.plan.json", "digits_mlp.report.json",
+                                              "digits_mlp.onnx", "digits_mlp.safetensors"]
 
 
 # --- bad input: one line, exit 2, nothing written ---------------------------------------------------
@@ -235,3 +241,46 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny, tmp_path):
     assert result.output.strip().splitlines()[-1] == message.format(tmp=tmp_path)
     assert not out.exists() or list(out.iterdir()) == []
     assert _sha(pt2) == before
+
+
+# --- inputs without a PyTorch graph ----------------------------------------------------------------
+
+def test_tie_on_an_onnx_file_writes_codebook_onnx_that_still_runs(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    model = TwoLayer().eval()
+    x = torch.randn(5, 48)
+    src = tmp_path / "two.onnx"
+    torch.onnx.export(model, (x,), str(src), dynamo=True, external_data=False,
+                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+    result = _run(str(src), "-o", str(tmp_path / "out"), "--bits", "4")
+    assert result.exit_code == 0, result.output
+    tied = tmp_path / "out" / "two.tied.onnx"
+    assert tied.stat().st_size < 0.5 * src.stat().st_size
+    feed = {ort.InferenceSession(str(src)).get_inputs()[0].name: x.numpy()}
+    a = ort.InferenceSession(str(src)).run(None, feed)[0]
+    b = ort.InferenceSession(str(tied)).run(None, feed)[0]
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.mean() > 0.99 and cos.min() > 0.97  # 4-bit post-training on an untrained model
+
+
+def test_tie_on_a_sharded_checkpoint_streams_into_sharded_outputs(tmp_path):
+    from safetensors.torch import save_file
+
+    from compress.stream import INDEX_NAME, load_sharded
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    shards = {"a.safetensors": {"l1.weight": torch.randn(64, 48)},
+              "b.safetensors": {"l2.weight": torch.randn(32, 64), "l2.bias": torch.randn(32)}}
+    for name, tensors in shards.items():
+        save_file(tensors, str(folder / name))
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {k: f for f, t in shards.items() for k in t}}))
+    result = _run(str(index), "-o", str(tmp_path / "out"), "--bits", "2", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    out_index = next((tmp_path / "out").rglob(INDEX_NAME))
+    merged = load_sharded(out_index)
+    assert merged["l1.weight"].unique().numel() <= 4 and merged["l2.weight"].unique().numel() <= 4
+    assert torch.equal(merged["l2.bias"], shards["b.safetensors"]["l2.bias"])
