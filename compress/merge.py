@@ -95,7 +95,8 @@ def nearest_labels(w: torch.Tensor, centers: torch.Tensor, granularity: str, gro
     `centers` is [groups, K]; the result (int64) has `w`'s shape and indexes each group's row as given
     (centres need not be sorted).
     """
-    rows = w.shape[0] if w.ndim else 1
+    # one codebook for the whole tensor: one row, so the boundaries are not repeated per row
+    rows = 1 if granularity == "tensor" or w.ndim == 0 else w.shape[0]
     flat = w.reshape(rows, -1).to(torch.float64)
     c = centers.to(torch.float64)
     order = c.argsort(dim=1, stable=True)
