@@ -148,7 +148,7 @@ def minilm_tensors() -> list[tuple[str, np.ndarray]]:
     from safetensors import safe_open
 
     with safe_open(str(C.minilm_path() / "model.safetensors"), "np") as f:
-        out = [(n, f.get_tensor(n).astype(np.float32).reshape(-1)) for n in f
+        out = [(n, f.get_tensor(n).astype(np.float32).reshape(-1)) for n in f.keys()  # noqa: SIM118 (safe_open is not iterable)
                if len(f.get_slice(n).get_shape()) == 2]
     return sorted(out, key=lambda t: (t[1].size, t[0]))
 

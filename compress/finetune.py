@@ -11,8 +11,13 @@
 The loss is cross-entropy when the data has integer targets, reconstruction MSE when the model's
 output has its input's shape (an autoencoder), and otherwise distillation: MSE to the original
 model's outputs (only inputs are needed). The run is reproducible: same inputs and seed, same bits.
-Every statistic comes from local tensors and the centre re-estimation lives in one function of
-`soft_tie`, so a torch.distributed version only has to all-reduce gradients and those sums.
+
+Launched by `torchrun` (`compress tie --nproc N`, or `torchrun --nproc-per-node N -m cli tie ...`),
+every rank takes its own disjoint part of each global batch of `batch_size` samples, drawn from the
+same seeded permutation as a single process; the model is wrapped in DistributedDataParallel, or
+sharded with FSDP2 when `fsdp` is set, and `SoftTie` all-reduces its statistics (see
+`compress.distributed`). The merged model then equals a single process's run up to floating-point
+summation order. Only rank 0 shows the progress bar; a step that fails on one rank fails on all.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .codebook import Codebooks, TensorCodebook
-from .errors import BadInputError
+from .errors import BadInputError, UnsupportedModelError
 from .merge import merge_
 from .plan import TiePlan
 from .soft_tie import PRIORS, SoftTie
@@ -59,8 +65,12 @@ class FinetuneConfig:
         warmup: fraction of the soft-tying steps over which lambda grows linearly from 0.
         update_every: steps between centre re-estimations (pairwise).
         codebook_epochs: epochs after the merge that tune the shared values and untied parameters.
-        seed: seeds the batch order and any randomness in the model (dropout).
-        progress: show a progress bar on stderr; None: only when stderr is a terminal.
+        seed: seeds the batch order and any randomness in the model (dropout; rank r of a
+            distributed run seeds its dropout with seed + r).
+        progress: show a progress bar on stderr; None: only when stderr is a terminal (rank 0 only).
+        fsdp: under torchrun, shard the parameters, gradients and optimizer state across the ranks
+            with FSDP2 (`fully_shard`) during soft tying instead of replicating them (DDP); for
+            models whose training state does not fit one process. No effect in a single process.
 
     >>> FinetuneConfig.from_dict({"epochs": 5, "prior": "mixture"}).epochs
     5
@@ -78,6 +88,7 @@ class FinetuneConfig:
     codebook_epochs: int = 2
     seed: int = 0
     progress: bool | None = None
+    fsdp: bool = False
     version: int = FINETUNE_VERSION
 
     def __post_init__(self) -> None:
@@ -174,30 +185,51 @@ def finetune_(model: nn.Module, plan: TiePlan, data, cfg: FinetuneConfig | None 
     teacher = _teacher_outputs(original if original is not None else copy.deepcopy(model), inputs) \
         if kind == "distillation" else None
     loss_fn = _loss_fn(kind, inputs, targets, teacher)
+    with distributed.session() as group:
+        distributed.same_plan(plan, group)
+        return _train(model, plan, cfg, loss_fn, kind, inputs, group)
+
+
+def _train(model: nn.Module, plan: TiePlan, cfg: FinetuneConfig, loss_fn: Callable, kind: str,
+           inputs: torch.Tensor, group: distributed.Group) -> FinetuneResult:
     history: list[dict] = []
-    with torch.random.fork_rng(devices=[]), train_mode(model, True), _Progress(cfg) as bar:
-        torch.manual_seed(cfg.seed)
+    with torch.random.fork_rng(devices=[]), train_mode(model, True), _Progress(cfg, group.main) as bar:
+        torch.manual_seed(cfg.seed + group.rank)
         gen = torch.Generator().manual_seed(cfg.seed)
         steps_per_epoch = math.ceil(len(inputs) / cfg.batch_size)
         epochs = cfg.epochs_for(len(inputs))
-        st = SoftTie(model, plan, strength=cfg.strength, prior=cfg.prior, zero_component=cfg.zero_component,
+        sharded = cfg.fsdp and group.active and epochs > 0
+        work = _fsdp_copy(model, inputs[:1], group) if sharded else model
+        st = SoftTie(work, plan, strength=cfg.strength, prior=cfg.prior, zero_component=cfg.zero_component,
                      warmup_steps=round(cfg.warmup * epochs * steps_per_epoch), update_every=cfg.update_every)
+        show = group.any(bar.enabled)  # the distance on the bar is a collective: every rank computes it
         if epochs:
             # the prior learns slower than the weights, so the mixture follows the clusters instead of
             # all its components drifting to the densest value (seen on the digits CNN at 1 bit)
-            opt = torch.optim.Adam([{"params": list(model.parameters())},
+            opt = torch.optim.Adam([{"params": list(work.parameters())},
                                     {"params": st.parameters(), "lr": cfg.lr / 10}], lr=cfg.lr)
+            runner = work if sharded else _replicated(work, group)
             bar.start("soft tying", epochs * steps_per_epoch)
             for epoch in range(epochs):
-                history.append(_epoch(model, opt, loss_fn, _batches(len(inputs), cfg.batch_size, gen), st, bar)
+                step = _Step(runner, opt, loss_fn, st, group, show, catch=not sharded,
+                             where=f"in soft-tying epoch {epoch + 1}")
+                history.append(_epoch(step, _batches(len(inputs), cfg.batch_size, gen), bar)
                                | {"epoch": epoch + 1, "phase": "soft tying"})
-        codebooks = st.finalize()
+            del runner, step, opt
+        if sharded:
+            distributed.copy_unsharded_(model, work, group)
+        codebooks = st.finalize(model if sharded else None)
+        del work
         if cfg.codebook_epochs and codebooks.tensors:
             opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr / 10)
+            runner = _replicated(model, group)
             bar.start("tuning codebooks", cfg.codebook_epochs * steps_per_epoch)
             for epoch in range(cfg.codebook_epochs):
-                history.append(_epoch(model, opt, loss_fn, _batches(len(inputs), cfg.batch_size, gen), None, bar)
+                step = _Step(runner, opt, loss_fn, None, group, show, catch=True,
+                             where=f"in codebook epoch {epoch + 1}")
+                history.append(_epoch(step, _batches(len(inputs), cfg.batch_size, gen), bar)
                                | {"epoch": epoch + 1, "phase": "codebooks"})
+            del runner, step
     return FinetuneResult(refresh_codebooks(model, codebooks), kind, st.steps, history, epochs)
 
 
@@ -212,26 +244,115 @@ def refresh_codebooks(model: nn.Module, codebooks: Codebooks) -> Codebooks:
     return out
 
 
-def _epoch(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable, batches: Iterator[torch.Tensor],
-           st: SoftTie | None, bar: _Progress) -> dict:
+@dataclass
+class _Step:
+    """One optimizer step on this rank's part of a global batch (the whole batch in one process)."""
+
+    model: nn.Module  # the module to call: the model, its DDP wrapper, or its FSDP-sharded copy
+    opt: torch.optim.Optimizer
+    loss_fn: Callable
+    st: SoftTie | None
+    group: distributed.Group
+    show_distance: bool
+    catch: bool  # turn an exception in the forward pass into an error on every rank (no collectives there)
+    where: str
+
+    def __call__(self, idx: torch.Tensor) -> tuple[float, float]:
+        """(global batch loss, penalty) after one step on the global batch `idx`."""
+        local = self.group.shard(idx)
+        share = len(local) / len(idx) * self.group.world  # DDP and FSDP average the gradients over ranks
+        if len(local) == 0:  # a global batch smaller than the world: a zero-weight sample keeps DDP in step
+            local, share = idx[:1], 0.0
+        penalty = self.st.penalty() if self.st is not None else torch.zeros(())
+        task, error = self._forward(local)
+        if self.group.active:
+            mine = 0.0 if task is None or share == 0.0 else float(task.detach()) * len(local)
+            loss = self.group.agree(error, [mine], self.where)[0] / len(idx)
+            task = task * share
+        else:
+            loss = float(task.detach())
+        self.opt.zero_grad(set_to_none=True)
+        (task + penalty).backward()
+        self.opt.step()
+        if self.st is not None:
+            self.st.step()
+        return loss, float(penalty.detach())
+
+    def _forward(self, idx: torch.Tensor) -> tuple[torch.Tensor | None, Exception | None]:
+        if not (self.catch and self.group.active):
+            return self.loss_fn(self.model, idx), None
+        try:
+            return self.loss_fn(self.model, idx), None
+        except Exception as e:  # raised again on every rank by `agree`
+            return None, e
+
+
+def _epoch(step: _Step, batches: Iterator[torch.Tensor], bar: _Progress) -> dict:
     totals = {"loss": 0.0, "penalty": 0.0}
     n = 0
     for idx in batches:
-        task = loss_fn(model, idx)
-        penalty = st.penalty() if st is not None else torch.zeros(())
-        opt.zero_grad(set_to_none=True)
-        (task + penalty).backward()
-        opt.step()
-        if st is not None:
-            st.step()
-        totals["loss"] += float(task.detach())
-        totals["penalty"] += float(penalty.detach())
+        loss, penalty = step(idx)
+        totals["loss"] += loss
+        totals["penalty"] += penalty
         n += 1
-        bar.advance(totals["loss"] / n, float(penalty.detach()), st)
+        distance = None
+        if bar.tick() and step.show_distance and step.st is not None:  # the distance costs a pass over the weights
+            distance = step.st.stats()["distance"]
+        bar.advance(totals["loss"] / n, penalty, distance, step.st is not None)
     out = {k: v / max(n, 1) for k, v in totals.items()}
-    if st is not None:
-        out["distance"] = st.stats()["distance"]
+    if step.st is not None:
+        out["distance"] = step.st.stats()["distance"]
     return out
+
+
+def _replicated(model: nn.Module, group: distributed.Group) -> nn.Module:
+    """The model wrapped in DistributedDataParallel (which averages gradients), or itself in one process."""
+    if not group.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model)
+
+
+def _fsdp_copy(model: nn.Module, sample: torch.Tensor, group: distributed.Group) -> nn.Module:
+    """A copy of `model` sharded with FSDP2: one unit per module that owns parameters (not shared with
+    another module) and whose forward runs, then the root; parameters become `Shard(0)` DTensors.
+
+    Modules whose forward never runs (a `.pt2` program's parameter holders, read by the graph) stay
+    in the root's unit, which gathers them for the whole forward pass."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    work = copy.deepcopy(model)
+    called = _modules_called(work, sample)
+    owners: dict[int, int] = {}
+    for module in work.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    mesh = init_device_mesh("cpu", (group.world,))
+    try:
+        for module in reversed(list(work.modules())):
+            own = list(module.parameters(recurse=False))
+            if module is not work and own and id(module) in called and all(owners[id(p)] == 1 for p in own):
+                fully_shard(module, mesh=mesh)
+        fully_shard(work, mesh=mesh)
+    except (RuntimeError, ValueError, AssertionError) as e:  # torch's message names what it could not shard
+        raise UnsupportedModelError(f"FSDP2 could not shard the model ({str(e).splitlines()[0]}); "
+                                    "run without --fsdp (DDP)") from e
+    return work
+
+
+@torch.no_grad()
+def _modules_called(model: nn.Module, sample: torch.Tensor) -> set[int]:
+    called: set[int] = set()
+    hooks = [m.register_forward_pre_hook(lambda m, _: called.add(id(m))) for m in model.modules()]
+    try:
+        with train_mode(model, False):
+            model(sample)
+    finally:
+        for h in hooks:
+            h.remove()
+    return called
 
 
 @contextlib.contextmanager
@@ -270,10 +391,11 @@ def _loss_fn(mode: str, inputs: torch.Tensor, targets: torch.Tensor | None, teac
 
 
 class _Progress:
-    """A rich progress bar on stderr (loss, penalty, mean distance to the centres), off when not a TTY."""
+    """A rich progress bar on stderr (loss, penalty, mean distance to the centres), off when not a TTY
+    and on every rank but 0."""
 
-    def __init__(self, cfg: FinetuneConfig):
-        self.enabled = cfg.progress
+    def __init__(self, cfg: FinetuneConfig, main: bool = True):
+        self.enabled = cfg.progress if main else False
         self._progress = None
         self._task = None
         self._count = 0
@@ -297,14 +419,20 @@ class _Progress:
         if self._progress is not None:
             self._task = self._progress.add_task(description, total=total, info="")
 
-    def advance(self, loss: float, penalty: float, st: SoftTie | None) -> None:
+    def tick(self) -> bool:
+        """Count a step (on every rank alike); True when the bar refreshes its numbers at this step."""
+        self._count += 1
+        return self._count % 10 == 1
+
+    def advance(self, loss: float, penalty: float, distance: float | None, soft: bool) -> None:
         if self._progress is None or self._task is None:
             return
-        self._count += 1
-        if self._count % 10 == 1:  # the distance costs a pass over the weights: refresh now and then
+        if self._count % 10 == 1:
             info = f"loss {loss:.4f}"
-            if st is not None:
-                info += f"  penalty {penalty:.3g}  |w-c| {st.stats()['distance']:.2e}"
+            if soft:
+                info += f"  penalty {penalty:.3g}"
+            if distance is not None:
+                info += f"  |w-c| {distance:.2e}"
             self._progress.update(self._task, info=info)
         self._progress.update(self._task, advance=1)
 

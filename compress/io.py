@@ -157,7 +157,11 @@ def load_data(path: Path | str) -> DataSplits:
                             "torch.save({'calib_inputs': ..., 'test_inputs': ...}, path)")
     if is_zip(head):
         with library_call(path, "opening the zip archive"), zipfile.ZipFile(path) as zf:
-            check_archive(path, zf)
+            listing = check_archive(path, zf)
+        if "data.pkl" not in listing.entries:
+            what = "a .pt2 program" if "archive_format" in listing.entries else "a zip archive"
+            raise BadInputError(f"{path}: {what}, not a data file; save the splits with "
+                                "torch.save({'calib_inputs': ..., 'test_inputs': ...}, path)")
     obj = weights_only_load(path, str(path), pickle_bytes=_pickle_head(path, head), mmap=is_zip(head),
                             hint="a data file must be a plain dict of tensors saved with torch.save")
     return _splits(obj, path)
@@ -238,6 +242,7 @@ def _load_pt2(path: Path, zf: zipfile.ZipFile, listing, trust: bool) -> Loaded:
             pt2_safety.check_program(program, path)
         with library_call(path, "building the module from the exported program"):
             module = program.module()
+    _retie_shared_parameters(module)
     tensors = dict(program.state_dict)
     for name, value in program.constants.items():
         if isinstance(value, torch.Tensor) and name not in tensors:
@@ -245,6 +250,24 @@ def _load_pt2(path: Path, zf: zipfile.ZipFile, listing, trust: bool) -> Loaded:
     args = program.example_inputs[0] if program.example_inputs else None
     return Loaded(path=path, kind="pt2", tensors=tensors, aliases=find_aliases(_named_tensors(module)),
                   module=module, example_inputs=tuple(args) if args is not None else None, program=program)
+
+
+def _retie_shared_parameters(module: nn.Module) -> None:
+    """Make the names of one saved parameter one `nn.Parameter` object again.
+
+    `torch.export.load` gives each name of a shared parameter (a tied embedding and head, one layer
+    used three times) its own `Parameter` over the same storage; planning and fine-tuning treat
+    distinct objects as distinct weights, so the tie would be lost.
+    """
+    first: dict[tuple, nn.Parameter] = {}
+    for owner in module.modules():
+        for attr, p in list(owner._parameters.items()):
+            if p is None or p.numel() == 0:
+                continue
+            key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.stride()), tuple(p.shape), p.dtype)
+            kept = first.setdefault(key, p)
+            if kept is not p:
+                owner._parameters[attr] = kept
 
 
 def _export_load(path: Path, trust: bool, swallowed: list[BaseException]):

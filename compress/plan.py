@@ -522,6 +522,8 @@ def _decide(name: str, p: torch.Tensor, module_type: str | None, source: str,
     attr = name.rpartition(".")[2]
     if not p.is_floating_point():
         return "keep", f"{str(p.dtype).removeprefix('torch.')} dtype (not floating point)", None
+    if p.numel() == 0:  # nothing to store, even when a glob in --include names it
+        return "keep", "empty (0 elements)", None
     for pattern in cfg.exclude:
         if fnmatchcase(name, pattern):
             return "keep", f"excluded by {pattern!r}", None

@@ -29,9 +29,18 @@ Two priors:
   component's mean at 0 (pruning). `finalize` sends each weight to its most responsible
   component's mean.
 
-`strength` grows linearly from 0 over `warmup_steps` steps. All statistics come from the local
-tensors; centre re-estimation is one function (`_cluster_sums`) that a distributed version can
-all-reduce.
+`strength` grows linearly from 0 over `warmup_steps` steps.
+
+Under torch.distributed (torchrun, see `compress.distributed`) each rank computes the penalty on the
+rows it owns: its FSDP2 shard, or the same row chunk of a DDP replica (multiplied by the world size,
+since DDP averages gradients). The per-cluster sufficient statistics are all-reduced: sums, squares
+and counts for "pairwise" (cluster means, centre re-estimation), responsibilities and their first
+and second moments for "mixture" (the prior's gradient is that of the EM surrogate
+Q(theta) = -sum_i sum_k gamma_ik log(pi_k N(w_i; mu_k, sigma_k^2)), which equals the log-likelihood's at
+the current theta). So every rank holds the same centres, assignments and prior after every step, and
+the gradients equal a single process's. `penalty()`, `step()`, `stats()` and `finalize()` are then
+collectives: call them on every rank in the same order. `penalty()` returns the global value on
+every rank.
 """
 
 from __future__ import annotations
@@ -42,8 +51,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import distributed
 from .codebook import Codebooks
-from .errors import BadInputError
+from .errors import BadInputError, UnsupportedModelError
 from .merge import group_of_rows, live_parameter, merge_, nearest_labels
 from .plan import TensorPlan, TiePlan
 
@@ -63,7 +73,9 @@ class _Tensor:
     param: nn.Parameter
     row_group: torch.Tensor  # codebook row of each first-axis row [rows]
     centers: torch.Tensor  # [groups, K] current shared values (float64, no grad)
-    ids: torch.Tensor  # flat cluster id (group * K + label) of every element [numel]
+    ids: torch.Tensor  # flat cluster id (group * K + label) of every element this rank owns
+    rows: slice | None = None  # the first-axis rows this rank owns (None: all, one process)
+    scale: float = 1.0  # gradient multiplier of the owned rows' penalty (world size under DDP)
 
     @property
     def groups(self) -> int:
@@ -78,6 +90,24 @@ class _Tensor:
         rows = self.row_group.numel()
         return self.row_group[:, None].expand(rows, self.param.numel() // max(rows, 1)).reshape(-1)
 
+    # --- the rows this rank owns (distributed) ----------------------------------------------------
+
+    def local_rows(self) -> torch.Tensor:
+        """The owned rows of the weight (with gradients): an FSDP shard or a slice of a replica."""
+        if _is_sharded(self.param):
+            return self.param.to_local()
+        return self.param[self.rows]
+
+    def local_group(self) -> torch.Tensor:
+        """Codebook row of every owned element, flat."""
+        g = self.row_group[self.rows]
+        per_row = self.param.numel() // max(self.row_group.numel(), 1)
+        return g[:, None].expand(g.numel(), per_row).reshape(-1)
+
+    def local_labels(self, w: torch.Tensor) -> torch.Tensor:
+        """Nearest centre of every owned element (`w`: the owned rows), as `nearest_labels` would give."""
+        return nearest_labels(w, self.centers[self.row_group[self.rows]], "channel", None)
+
 
 class SoftTie:
     """Soft weight tying for a planned model: `penalty()`, `step()`, `stats()`, `finalize()`.
@@ -91,6 +121,9 @@ class SoftTie:
         update_every: re-estimate centres and reassign weights every this many steps (pairwise).
         zero_component: (mixture) one component per group fixed at 0.
         normalize: divide each cluster's pairwise term by its size (mixture: scale by the initial variance).
+        distributed: None (default): follow torch.distributed when a process group of several ranks is
+            initialized (the model trained with DDP or FSDP2); False: every rank works alone on its
+            full tensors.
 
     >>> st = SoftTie(model, plan, strength=0.5)
     >>> loss = task_loss + st.penalty()
@@ -98,7 +131,7 @@ class SoftTie:
 
     def __init__(self, model: nn.Module, plan: TiePlan, *, strength: float = 1.0, prior: str = "pairwise",
                  warmup_steps: int = 0, update_every: int = 50, zero_component: bool = False,
-                 normalize: bool = True):
+                 normalize: bool = True, distributed: bool | None = None):
         if prior not in PRIORS:
             raise BadInputError(f"unknown prior {prior!r}; use one of {', '.join(PRIORS)}")
         if not math.isfinite(strength) or strength < 0:
@@ -110,17 +143,42 @@ class SoftTie:
         self.zero_component, self.normalize = zero_component, normalize
         self.steps = 0
         self._last_penalty = 0.0
+        self._group = _distributed_group(distributed)
         self._tensors = [self._track(tp) for tp in plan.clustered()]
-        self._mixture = _Mixture(self._tensors, zero_component) if prior == "mixture" else None
+        self._mixture = _Mixture(self._tensors, zero_component, self._group) if prior == "mixture" else None
 
     def _track(self, tp: TensorPlan) -> _Tensor:
         p = live_parameter(self.model, tp.name)
         rows = p.shape[0] if p.ndim else 1
         centers = tp.centers_tensor().to(p.device)
+        row_group = group_of_rows(rows, tp.granularity, tp.group_size).to(p.device)
+        if self._group.active:
+            t = _Tensor(tp, p, row_group, centers, torch.empty(0, dtype=torch.int64), self._group.rows(rows),
+                        1.0 if _is_sharded(p) else float(self._group.world))
+            _check_shard(t)
+            with torch.no_grad():
+                t.ids = t.local_group() * t.k + t.local_labels(t.local_rows()).reshape(-1)
+            return t
+        if _is_sharded(p):
+            raise UnsupportedModelError(f"`{tp.name}` is an FSDP shard, but SoftTie was made with "
+                                        "distributed=False; leave it at None")
         labels = nearest_labels(p.detach(), centers, tp.granularity, tp.group_size)
-        t = _Tensor(tp, p, group_of_rows(rows, tp.granularity, tp.group_size).to(p.device), centers, labels)
+        t = _Tensor(tp, p, row_group, centers, labels)
         t.ids = t.element_group() * t.k + labels.reshape(-1)
         return t
+
+    def _rebind(self, model: nn.Module) -> None:
+        """Read the weights from `model` from now on: the same parameters unsharded (same names and
+        shapes, e.g. after an FSDP run copied into the original module)."""
+        for t in self._tensors:
+            p = live_parameter(model, t.plan.name)
+            if tuple(p.shape) != tuple(t.param.shape):
+                raise BadInputError(f"`{t.plan.name}` has shape {tuple(p.shape)} in the new model, "
+                                    f"{tuple(t.param.shape)} in the trained one")
+            t.param = p
+            if self._group.active:
+                t.scale = float(self._group.world)
+        self.model = model
 
     def parameters(self) -> list[nn.Parameter]:
         """The prior's learned parameters (mixture means, log-variances, logits); empty for "pairwise"."""
@@ -136,6 +194,8 @@ class SoftTie:
     def penalty(self) -> torch.Tensor:
         """The penalty to add to the task loss (a scalar with gradients to the weights and the prior)."""
         lam = self.current_strength
+        if self._group.active:
+            return self._distributed_penalty(lam)
         if self._mixture is not None:
             total = sum(self._mixture.neg_log_prob(t, self.normalize) for t in self._tensors)
         else:
@@ -145,27 +205,72 @@ class SoftTie:
         self._last_penalty = float(out.detach())
         return out
 
+    def _distributed_penalty(self, lam: float) -> torch.Tensor:
+        """The owned rows' penalty (times `scale`) with the all-reduced statistics; its value is the
+        global penalty, its gradients add up over ranks to a single process's."""
+        if not self._tensors:
+            self._last_penalty = 0.0
+            return torch.zeros(())
+        w = [t.local_rows().reshape(-1) for t in self._tensors]
+        if self._mixture is not None:
+            local = [self._mixture.local_terms(t, wt) for t, wt in zip(self._tensors, w)]
+            stats = self._group.all_reduce_(torch.cat([s for _, s in local]))
+            terms = self._mixture.terms_from(self._tensors, [n for n, _ in local], stats, self.normalize)
+        else:
+            stats = self._group.all_reduce_(torch.cat([_moments(wt.detach(), t.ids, t.groups * t.k)
+                                                       for t, wt in zip(self._tensors, w)]))
+            terms = _pairwise_terms(self._tensors, w, stats, self.normalize)
+        grad = lam * sum(term for term, _ in terms)
+        value = lam * sum(v for _, v in terms)
+        self._last_penalty = float(value)
+        return grad + (value - grad.detach())
+
     @torch.no_grad()
     def step(self) -> None:
         """Call after `optimizer.step()`: advances the warm-up; every `update_every` steps (pairwise)
         each weight moves to its nearest centre's cluster and the centres become the cluster means."""
         self.steps += 1
         if self._mixture is None and self.steps % self.update_every == 0:
-            for t in self._tensors:
-                _reestimate(t)
+            self._reestimate_all()
         if self._mixture is not None:
             self._mixture.clamp_(min(1.0, self.steps / self.warmup_steps) if self.warmup_steps > 0 else 0.0)
+
+    def _reestimate_all(self) -> None:
+        if not self._group.active:
+            for t in self._tensors:
+                _reestimate(t)
+            return
+        sums = []
+        for t in self._tensors:  # assignments are local; the sums and counts are all-reduced
+            w = t.local_rows().detach()
+            t.ids = t.local_group() * t.k + t.local_labels(w).reshape(-1)
+            sums.extend(_cluster_sums(w.reshape(-1), t.ids, t.groups * t.k))
+        reduced = self._group.all_reduce_(torch.cat(sums)).split([s.numel() for s in sums])
+        for t, s, n in zip(self._tensors, reduced[0::2], reduced[1::2]):
+            _move_centers(t, s, n)
+
+    @property
+    def last_penalty(self) -> float:
+        """The value of the last `penalty()` (over all ranks)."""
+        return self._last_penalty
 
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
         """`distance`: mean |w - its centre| over all tied weights; `penalty`: the last penalty value."""
         total, count = 0.0, 0
         for t in self._tensors:
-            centers, labels = self._targets(t)
-            w = t.param.detach()
-            flat_c = centers.to(w.dtype)[t.element_group(), labels.reshape(-1)]
+            if self._group.active:
+                centers, labels = self._local_targets(t)
+                w = t.local_rows().detach()
+                flat_c = centers.to(w.dtype)[t.local_group(), labels.reshape(-1)]
+            else:
+                centers, labels = self._targets(t)
+                w = t.param.detach()
+                flat_c = centers.to(w.dtype)[t.element_group(), labels.reshape(-1)]
             total += float((w.reshape(-1) - flat_c).abs().sum())
             count += w.numel()
+        if self._group.active:
+            total, count = self._group.all_reduce_(torch.tensor([total, count], dtype=torch.float64)).tolist()
         return {"distance": total / max(count, 1), "penalty": self._last_penalty,
                 "strength": self.current_strength}
 
@@ -181,19 +286,38 @@ class SoftTie:
         labels = nearest_labels(w, t.centers, t.plan.granularity, t.plan.group_size)
         return t.centers, labels
 
+    def _local_targets(self, t: _Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = t.local_rows().detach()
+        if self._mixture is not None:
+            return self._mixture.means(t).detach(), self._mixture.responsible_of(t, w.reshape(-1))
+        return t.centers, t.local_labels(w)
+
     @torch.no_grad()
-    def finalize(self) -> Codebooks:
+    def finalize(self, model: nn.Module | None = None) -> Codebooks:
         """Hard-merge the model (`merge_`) to the current centres; returns the codebooks.
 
         Pairwise: weights go to their nearest centre, then the centres become the cluster means.
         Mixture: weights go to their most responsible component's mean.
+
+        Args:
+            model: merge this module instead (the same parameters, unsharded: after FSDP training,
+                the original module with the trained weights copied in, see
+                `compress.distributed.copy_unsharded_`). Distributed runs merge on every rank with
+                rank 0's centres and assignments.
         """
+        if model is not None:
+            self._rebind(model)
+        for t in self._tensors:
+            if _is_sharded(t.param):
+                raise UnsupportedModelError(f"`{t.plan.name}` is an FSDP shard: finalize needs the unsharded "
+                                            "model; copy the weights into it (copy_unsharded_) and pass model=")
+        if self._mixture is None:
+            self._reestimate_all()
         centers, labels = {}, {}
         for t in self._tensors:
-            if self._mixture is None:
-                _reestimate(t)
             c, lab = self._targets(t)
-            centers[t.plan.name], labels[t.plan.name] = c, lab
+            centers[t.plan.name] = self._group.broadcast_(c.detach().clone())
+            labels[t.plan.name] = self._group.broadcast_(lab.clone())
         return merge_(self.model, self.plan, centers=centers, labels=labels)
 
 
@@ -220,17 +344,51 @@ def _reestimate(t: _Tensor) -> None:
     labels = nearest_labels(w, t.centers, t.plan.granularity, t.plan.group_size)
     t.ids = t.element_group() * t.k + labels.reshape(-1)
     sums, counts = _cluster_sums(w.reshape(-1), t.ids, t.groups * t.k)
+    _move_centers(t, sums, counts)
+
+
+def _move_centers(t: _Tensor, sums: torch.Tensor, counts: torch.Tensor) -> None:
     flat = t.centers.reshape(-1).clone()
     filled = counts > 0
     flat[filled] = sums[filled] / counts[filled]
     t.centers = flat.reshape(t.groups, t.k)
 
 
+def _moments(w: torch.Tensor, ids: torch.Tensor, clusters: int) -> torch.Tensor:
+    """Per-cluster [sum of w, sum of w^2, count] (float64, flat [3 * clusters]): all-reduced, they give
+    every cluster's global mean and the global pairwise penalty."""
+    w64 = w.to(torch.float64)
+    zeros = torch.zeros(clusters, dtype=torch.float64, device=w.device)
+    counts = torch.bincount(ids, minlength=clusters).to(torch.float64)
+    return torch.cat([zeros.index_add(0, ids, w64), zeros.index_add(0, ids, w64 * w64), counts])
+
+
+def _pairwise_terms(tensors: list[_Tensor], w: list[torch.Tensor], stats: torch.Tensor, normalize: bool
+                    ) -> list[tuple[torch.Tensor, float]]:
+    """(owned rows' term for the gradients, global value) per tensor, from the all-reduced moments.
+
+    The gradient through the cluster means is zero (the deviations from a mean sum to 0), so the
+    means can be constants: d/dw_i = (w_i - mean_c), times n_c without `normalize`."""
+    out, at = [], 0
+    for t, wt in zip(tensors, w):
+        n_clusters = t.groups * t.k
+        s1, s2, n = stats[at:at + 3 * n_clusters].split(n_clusters)
+        at += 3 * n_clusters
+        means = s1 / n.clamp(min=1)
+        sq = (s2 - s1 * means).clamp(min=0)  # sum over the cluster of (w - mean)^2
+        d = wt - means.to(wt.dtype)[t.ids]
+        term = (d * d).sum() if normalize else (n.to(wt.dtype)[t.ids] * d * d).sum()
+        value = float(sq.sum() if normalize else (n * sq).sum())
+        out.append((t.scale * term / 2, value / 2))
+    return out
+
+
 class _Mixture:
     """Gaussian-mixture prior per codebook group: means, log-variances, mixing logits as parameters."""
 
-    def __init__(self, tensors: list[_Tensor], zero_component: bool):
+    def __init__(self, tensors: list[_Tensor], zero_component: bool, group: distributed.Group | None = None):
         self.zero = zero_component
+        self.group = group or distributed.Group()
         self.mu: dict[str, nn.Parameter] = {}
         self.log_var: dict[str, nn.Parameter] = {}
         self.logits: dict[str, nn.Parameter] = {}
@@ -240,18 +398,21 @@ class _Mixture:
 
     def _init(self, t: _Tensor) -> None:
         name, c = t.plan.name, t.centers.clone()
-        w = t.param.detach().reshape(-1).to(torch.float64)
         if self.zero:
             # the centre nearest 0 becomes the fixed zero component (index 0)
             nearest = c.abs().argmin(dim=1)
             keep = torch.ones_like(c, dtype=torch.bool).scatter_(1, nearest[:, None], False)
             c = torch.cat([torch.zeros(c.shape[0], 1, dtype=c.dtype), c[keep].reshape(c.shape[0], -1)], dim=1)
         groups, k = c.shape
-        labels = _argmin_distance(w, c, t.element_group())
-        ids = t.element_group() * k + labels
-        _, counts = _cluster_sums(w, ids, groups * k)
-        sq = torch.zeros(groups * k, dtype=torch.float64).index_add(0, ids, (w - c.reshape(-1)[ids]) ** 2)
-        spread = max(float(w.var()) if w.numel() > 1 else 1.0, 1e-12)
+        if self.group.active:
+            counts, sq, spread = self._init_stats(t, c)
+        else:
+            w = t.param.detach().reshape(-1).to(torch.float64)
+            labels = _argmin_distance(w, c, t.element_group())
+            ids = t.element_group() * k + labels
+            _, counts = _cluster_sums(w, ids, groups * k)
+            sq = torch.zeros(groups * k, dtype=torch.float64).index_add(0, ids, (w - c.reshape(-1)[ids]) ** 2)
+            spread = max(float(w.var()) if w.numel() > 1 else 1.0, 1e-12)
         var = torch.where(counts > 1, sq / counts.clamp(min=1), torch.full_like(sq, spread / k ** 2))
         var = var.clamp(min=spread * 1e-4)
         dtype = t.param.dtype
@@ -259,6 +420,21 @@ class _Mixture:
         self.mu[name] = nn.Parameter((c[:, 1:] if self.zero else c).to(dtype).clone())
         self.log_var[name] = nn.Parameter((var.log() + _START).reshape(groups, k).to(dtype))
         self.logits[name] = nn.Parameter(((counts + 1) / (counts + 1).sum()).log().reshape(groups, k).to(dtype))
+
+    def _init_stats(self, t: _Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Per-component counts and squared distances, and the weights' variance, over all ranks."""
+        w = t.local_rows().detach().reshape(-1).to(torch.float64)
+        g = t.local_group()
+        groups, k = c.shape
+        ids = g * k + _argmin_distance(w, c, g)
+        zeros = torch.zeros(groups * k, dtype=torch.float64)
+        moments = torch.tensor([w.numel(), float(w.sum()), float((w * w).sum())], dtype=torch.float64)
+        reduced = self.group.all_reduce_(torch.cat([
+            torch.bincount(ids, minlength=groups * k).to(torch.float64),
+            zeros.index_add(0, ids, (w - c.reshape(-1)[ids]) ** 2), moments]))
+        counts, sq, (n, s1, s2) = reduced[:groups * k], reduced[groups * k:2 * groups * k], reduced[-3:].tolist()
+        var = (s2 - s1 * s1 / n) / (n - 1) if n > 1 else 1.0
+        return counts, sq, max(var, 1e-12)
 
     def parameters(self) -> list[nn.Parameter]:
         return [*self.mu.values(), *self.log_var.values(), *self.logits.values()]
@@ -287,6 +463,60 @@ class _Mixture:
         """Most responsible component of every weight, with the weight's shape."""
         return self._log_joint(t).argmax(dim=1).reshape(t.param.shape)
 
+    # --- distributed: owned rows and all-reduced moments ------------------------------------------
+
+    def _log_joint_of(self, t: _Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """`_log_joint` for the flat weights `w` of codebook rows `g`, the prior held constant."""
+        name = t.plan.name
+        mu, log_var = self.means(t).detach()[g], self.log_var[name].detach()[g]
+        log_pi = torch.log_softmax(self.logits[name].detach(), dim=1)[g]
+        w = w.reshape(-1, 1)
+        return log_pi - 0.5 * (math.log(2 * math.pi) + log_var + (w - mu) ** 2 / log_var.exp())
+
+    @torch.no_grad()
+    def responsible_of(self, t: _Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Most responsible component of each owned weight (flat `w`)."""
+        return self._log_joint_of(t, w, t.local_group()).argmax(dim=1)
+
+    def local_terms(self, t: _Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(owned weights' negative log-likelihood, with gradients to the weights only; the moments
+        [sum gamma, sum gamma (w - mu), sum gamma (w - mu)^2 per component, the NLL] to all-reduce)."""
+        g = t.local_group()
+        joint = self._log_joint_of(t, w, g)
+        lse = torch.logsumexp(joint, dim=1)
+        with torch.no_grad():
+            gamma = (joint - lse[:, None]).exp().to(torch.float64)
+            k = joint.shape[1]
+            ids = (g[:, None] * k + torch.arange(k)).reshape(-1)
+            dev = (w.detach().to(torch.float64)[:, None] - self.means(t).detach().to(torch.float64)[g]).reshape(-1)
+            zeros = torch.zeros(t.groups * k, dtype=torch.float64)
+            gamma = gamma.reshape(-1)
+            moments = torch.cat([zeros.index_add(0, ids, gamma), zeros.index_add(0, ids, gamma * dev),
+                                 zeros.index_add(0, ids, gamma * dev * dev),
+                                 (-lse.detach().to(torch.float64).sum()).reshape(1)])
+        return -lse.sum(), moments
+
+    def terms_from(self, tensors: list[_Tensor], nll: list[torch.Tensor], stats: torch.Tensor, normalize: bool
+                   ) -> list[tuple[torch.Tensor, float]]:
+        """(gradient term, global value) per tensor: the owned weights' NLL times `scale`, plus the EM
+        surrogate Q(theta) - Q(theta).detach() (value 0) whose gradient is the global NLL's."""
+        out, at = [], 0
+        for t, local in zip(tensors, nll):
+            name, n = t.plan.name, t.groups * t.k
+            s0, s1, s2 = (x.reshape(t.groups, t.k) for x in stats[at:at + 3 * n].split(n))
+            value = float(stats[at + 3 * n])
+            at += 3 * n + 1
+            mu = self.means(t).to(torch.float64)
+            delta = mu - mu.detach()  # 0, with mu's gradient: the moments are about the current means
+            log_var = self.log_var[name].to(torch.float64)
+            log_pi = torch.log_softmax(self.logits[name].to(torch.float64), dim=1)
+            q = -(s0 * (log_pi - 0.5 * log_var)
+                  - 0.5 * (-log_var).exp() * (s2 - 2 * delta * s1 + delta * delta * s0)).sum()
+            scale = math.exp(self.log_var0[name]) if normalize else 1.0
+            term = scale * (t.scale * local + (q - q.detach()).to(local.dtype))
+            out.append((term, scale * value))
+        return out
+
     @torch.no_grad()
     def clamp_(self, progress: float) -> None:
         """Cap each log-variance: the initial mean variance, shrunk 10^4-fold as `progress` goes 0 -> 1."""
@@ -297,3 +527,30 @@ class _Mixture:
 
 def _argmin_distance(w: torch.Tensor, centers: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     return (w[:, None] - centers[group]).abs().argmin(dim=1)
+
+
+def _distributed_group(enabled: bool | None) -> distributed.Group:
+    """The ranks SoftTie shares statistics with: the initialized process group unless `enabled` is False."""
+    return distributed.Group() if enabled is False else distributed.current()
+
+
+def _is_sharded(p: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
+def _check_shard(t: _Tensor) -> None:
+    """An FSDP2 parameter must be sharded on its first axis the way `Group.rows` expects."""
+    if not _is_sharded(t.param):
+        return
+    from torch.distributed.tensor import Shard
+
+    placements = tuple(t.param.placements)
+    owned = t.rows.stop - t.rows.start
+    if placements != (Shard(0),) or t.param.to_local().shape[0] != owned:
+        raise UnsupportedModelError(f"`{t.plan.name}` is sharded as {placements} with "
+                                    f"{t.param.to_local().shape[0]} local rows; soft tying expects FSDP2's "
+                                    f"default Shard(0) ({owned} rows on this rank)")

@@ -225,6 +225,11 @@ def _compare(name: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: fl
     diff = np.abs(g - w)
     max_abs = float(np.nanmax(diff)) if diff.size else 0.0
     max_ref = float(np.nanmax(np.abs(w))) if w.size else 0.0
+    if want.dtype == np.float16:
+        # onnxruntime and torch round half-precision results in different places: one rounding step
+        # at the output's scale is not a disagreement, so never check finer than that
+        eps = float(np.finfo(np.float16).eps)
+        atol, rtol = max(atol, eps * max_ref), max(rtol, eps)
     ok = bool(np.allclose(g, w, atol=atol, rtol=rtol, equal_nan=True))
     return OutputCheck(name, list(got.shape), list(want.shape), max_abs, max_ref, atol, rtol, ok)
 

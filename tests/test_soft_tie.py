@@ -222,7 +222,7 @@ def test_loss_mode():
     ({"epochs": -1}, "fine-tuning: epochs must be >= 0, got -1"),
     ({"prior": "cauchy"}, "fine-tuning: prior must be one of pairwise, mixture, got 'cauchy'"),
     ({"lr": 0.0}, "fine-tuning: lr must be a positive number, got 0.0"),
-    ({"epoch": 3}, ("fine-tuning config: unknown key 'epoch'; known keys: batch_size, codebook_epochs, epochs, lr, "
+    ({"epoch": 3}, ("fine-tuning config: unknown key 'epoch'; known keys: batch_size, codebook_epochs, epochs, fsdp, lr, "
                    "min_steps, prior, progress, seed, strength, update_every, version, warmup, zero_component")),
 ])
 def test_finetune_config_errors(config, message):

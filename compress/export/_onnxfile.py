@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from ..errors import BadInputError
+from ..errors import BadInputError, UnsafePickleError
 from . import _graph
 
 
@@ -27,7 +27,12 @@ def read_onnx(path: str | Path, *, load_data: bool = True) -> onnx.ModelProto:
 
     path = Path(path)
     _check_file(path)
-    loaded = cio.load(path)
+    try:
+        loaded = cio.load(path)
+    except UnsafePickleError as e:
+        # an ONNX reader never unpickles, so --trust-pickle (which the refusal suggests) cannot help
+        raise BadInputError(f"{path}: not an ONNX model (it holds a pickle, which is never unpickled here: "
+                            "it would run code); give an .onnx file") from e
     if loaded.kind != "onnx" or loaded.onnx_model is None:
         raise BadInputError(f"{path}: not an ONNX model (read as {loaded.kind}); give an .onnx file")
     proto = loaded.onnx_model
