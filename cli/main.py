@@ -16,6 +16,10 @@ from . import audit, export, tie, verify
 
 
 class _Group(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["compress.argv"] = list(args)  # as typed: `tie --nproc N` re-launches it under torchrun
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)

@@ -53,6 +53,12 @@ from . import options
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="tie.json: defaults, by_type and by_name overrides; flags given here win over it.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for batch order and sampling.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Fine-tune with N processes on this machine (re-runs this command under torchrun; each "
+                   "takes 1/N of every batch). For several machines run torchrun yourself (README: Scaling out).")
+@click.option("--fsdp", is_flag=True,
+              help="Under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of "
+                   "replicating them (DDP), for models whose training state does not fit one process.")
 @click.option("--no-onnx", is_flag=True, help="Do not write <stem>.onnx.")
 @click.option("--no-safetensors", is_flag=True, help="Do not write <stem>.safetensors.")
 @click.option("--no-verify", is_flag=True, help="Do not run the exports in onnxruntime / load them back.")
@@ -70,14 +76,15 @@ from . import options
 def command(model: Path, out_dir: Path, bits: int | None, tolerance: float | None, granularity: str | None,
             group_size: int | None, data_path: Path | None, epochs: int | None, strength: float | None,
             prior: str, zero_component: bool, importance: bool, exclude: tuple[str, ...],
-            include: tuple[str, ...], config_path: Path | None, seed: int, no_onnx: bool, no_safetensors: bool,
-            no_verify: bool, provider: str, atol: float, workers: int | None, stream: bool, force: bool,
-            trust_pickle: bool, json_path: str | None) -> None:
+            include: tuple[str, ...], config_path: Path | None, seed: int, nproc: int, fsdp: bool, no_onnx: bool,
+            no_safetensors: bool, no_verify: bool, provider: str, atol: float, workers: int | None, stream: bool,
+            force: bool, trust_pickle: bool, json_path: str | None) -> None:
     """Tie the weights of MODEL into shared values; write the merged model, plan, report and exports.
 
     MODEL is a .pt2 (recommended), a state_dict .pt, a .safetensors checkpoint (sharded too: give its
     .index.json) or an .onnx file (clustered post-training, written back as codebook ONNX).
     """
+    from compress import distributed
     from compress.io import load, load_data
     from compress.tie import ExportOptions
 
@@ -87,10 +94,15 @@ def command(model: Path, out_dir: Path, bits: int | None, tolerance: float | Non
         raise BadInputError("--epochs needs --data FILE (fine-tuning trains on it)")
     finetune = FinetuneConfig(epochs=epochs,
                               strength=FinetuneConfig.strength if strength is None else strength,
-                              prior=prior, zero_component=zero_component, seed=seed,
+                              prior=prior, zero_component=zero_component, seed=seed, fsdp=fsdp,
                               codebook_epochs=0 if epochs == 0 else FinetuneConfig.codebook_epochs)
     if json_path and json_path != "-":
         check_output(Path(json_path), force=force, inputs=[model] + ([data_path] if data_path else []))
+    if nproc > 1 and not distributed.under_launcher():
+        if data_path is None:
+            raise BadInputError("--nproc runs the fine-tuning in several processes; it needs --data FILE")
+        ctx = click.get_current_context()
+        ctx.exit(distributed.relaunch(_without_nproc(ctx.meta["compress.argv"]), nproc))
     if not no_verify and not no_onnx:
         resolve_provider(provider)  # an unavailable provider fails before any work
     if data_path is None and _is_onnx(model):
@@ -103,6 +115,8 @@ def command(model: Path, out_dir: Path, bits: int | None, tolerance: float | Non
                            provider=provider, atol=atol)
     result = tie(loaded, cfg, data=data, finetune=finetune if data is not None else None, out_dir=out_dir,
                  force=force, data_path=data_path, export=export)
+    if not distributed.is_main():  # rank 0 prints and writes
+        return
     _emit(json_text(result.report), json_path, force, model,
           lambda console: _print_tie(console, result))
     if result.verified is False:
@@ -134,6 +148,8 @@ def _print_tie(console, result) -> None:
         ratio = bound.get(str(p))
         files.add_row(str(p), f"{size:,}", format_iec(size), "" if ratio is None else f"{ratio:.3f}x")
     console.print(files)
+    for note in result.report.get("notes", []):
+        console.print(f"note: {note}")
     for v in result.verification:
         console.print(f"verify {v.path} ({v.mode}{', ' + v.provider if v.provider else ''}):")
         for line in v.lines():
@@ -141,6 +157,19 @@ def _print_tie(console, result) -> None:
         for o in v.original:
             top1 = "" if o.top1_agreement is None else f", top-1 agreement {o.top1_agreement:.2%}"
             console.print(f"  vs original {o.name}: max abs {o.max_abs:.3g}, mean cosine {o.mean_cosine:.6f}{top1}")
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line minus `--nproc N` (torchrun would take `--nproc` for its own `--nproc-per-node`)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def _is_onnx(path: Path) -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import hashlib
 import os
 import subprocess
@@ -153,6 +154,11 @@ def launched() -> bool:
     return _env_int("WORLD_SIZE", 1) > 1
 
 
+def under_launcher() -> bool:
+    """True in a process started by torchrun (or another launcher that sets RANK and WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def is_main() -> bool:
     """True on rank 0 (and in a plain single process): the one rank that writes files and prints.
 
@@ -194,6 +200,9 @@ def session(timeout: datetime.timedelta | None = None) -> Iterator[Group]:
         yield current()
         dist.barrier()
     finally:
+        # DDP reducers and FSDP states sit in reference cycles that hold the process group and its
+        # pending work; left for interpreter shutdown, gloo aborted the process (SIGABRT) on exit
+        gc.collect()
         dist.destroy_process_group()
 
 

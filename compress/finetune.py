@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
@@ -220,6 +221,8 @@ def _train(model: nn.Module, plan: TiePlan, cfg: FinetuneConfig, loss_fn: Callab
             distributed.copy_unsharded_(model, work, group)
         codebooks = st.finalize(model if sharded else None)
         del work
+        if sharded:  # free the FSDP copy now: its states sit in reference cycles holding gloo work
+            gc.collect()
         if cfg.codebook_epochs and codebooks.tensors:
             opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr / 10)
             runner = _replicated(model, group)
@@ -283,7 +286,7 @@ class _Step:
             return self.loss_fn(self.model, idx), None
         try:
             return self.loss_fn(self.model, idx), None
-        except Exception as e:  # raised again on every rank by `agree`
+        except Exception as e:  # noqa: BLE001 - raised again on every rank by `agree`
             return None, e
 
 

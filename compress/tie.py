@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from ._atomic import TMP_PREFIX, atomic_outputs, check_output
 from ._units import format_bytes
 from .codebook import Codebooks, bits_for
-from .errors import BadInputError, UnsupportedModelError
+from .errors import BadInputError, CompressError, UnsupportedModelError
 from .finetune import FinetuneConfig, FinetuneResult, finetune_, loss_mode, train_mode
 from .merge import current_weight, merge_
 from .plan import TieConfig, TiePlan, analyze, json_text
@@ -138,13 +139,20 @@ def tie(loaded, cfg: TieConfig | None = None, *, data=None, finetune: FinetuneCo
         codebooks = ft_result.codebooks
     else:
         codebooks = merge_(model, plan)
+    if not distributed.is_main():  # under torchrun, rank 0 alone measures, exports and writes the files
+        return TieResult(model, plan, codebooks, {}, *paths, examples, ft_result)
     quality = _quality(reference, model, data, examples)
     payload, dynamic = _serialize(model, examples if graph else None, getattr(loaded, "program", None))
     report = _report(loaded, data_path, cfg, ft, plan, codebooks, originals, before, _stored_bytes(model), quality,
                      ft_result, paths, dynamic, time.perf_counter() - started)
     with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=_made(out_dir)) as staging:
-        exports, checks = _export_and_verify(model, codebooks, examples if graph else None, reference, data,
-                                             export, export_paths, Path(staging))
+        notes: list[str] = []
+        try:
+            exports, checks = _export_and_verify(model, codebooks, examples if graph else None, reference, data,
+                                                 export, export_paths, Path(staging), notes)
+        except CompressError as e:  # name the output folder, not the staging folder inside it
+            raise type(e)(str(e).replace(str(Path(staging)), str(out_dir))) from e
+        report["notes"] = notes
         staged = [Path(f) for e in exports for f in e.files]
         for e in exports:  # the reports name the staging folder's files; point them at the outputs
             e.files = [str(Path(out_dir) / Path(f).name) for f in e.files]
@@ -192,14 +200,23 @@ def _export_targets(model_path: Path, export: ExportOptions, graph: bool) -> lis
     return out
 
 
+def _cpu_lacks_bfloat16(model: nn.Module, provider: str) -> bool:
+    cpu = provider.lower() in ("cpu", "cpuexecutionprovider")
+    return cpu and any(t.dtype == torch.bfloat16 for t in (*model.parameters(), *model.buffers()))
+
+
 def _made(folder) -> Path:
     Path(folder).mkdir(parents=True, exist_ok=True)
     return Path(folder)
 
 
 def _export_and_verify(model: nn.Module, codebooks: Codebooks, examples: tuple | None, reference, data,
-                       export: ExportOptions, targets: list[Path], staging: Path) -> tuple[list, list]:
-    """Export into `staging` (the final names, so external data references stay right) and verify."""
+                       export: ExportOptions, targets: list[Path], staging: Path,
+                       notes: list[str]) -> tuple[list, list]:
+    """Export into `staging` (the final names, so external data references stay right) and verify.
+
+    What could not be checked is said in `notes` (never skipped silently).
+    """
     from .export import export_onnx, export_safetensors
     from .verify import verify, verify_safetensors
 
@@ -208,7 +225,10 @@ def _export_and_verify(model: nn.Module, codebooks: Codebooks, examples: tuple |
         path = staging / target.name
         if target.suffix == ".onnx":
             exports.append(export_onnx(model, codebooks, path, examples, codebook_dtype=export.codebook_dtype))
-            if export.verify:
+            if export.verify and _cpu_lacks_bfloat16(model, export.provider):
+                notes.append(f"{target.name} not run in onnxruntime: its CPU provider has no bfloat16 kernels "
+                             "(verify it on a GPU with --provider cuda); the safetensors file is verified")
+            elif export.verify:
                 x = data.test_inputs if data is not None and len(data.test_inputs) else examples
                 y = data.test_targets if data is not None and len(data.test_inputs) else None
                 checks.append(verify(path, model, x, provider=export.provider, atol=export.atol,

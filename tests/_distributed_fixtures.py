@@ -72,7 +72,16 @@ def run_scenario(cfg: FinetuneConfig) -> dict:
     return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "codebooks": {n: (cb.codebook.clone(), cb.indices.clone()) for n, cb in result.codebooks.tensors.items()},
             "steps": torch.stack(RecordingSoftTie.last.record), "plan": digest,
-            "history": result.history}
+            "history": result.history, "left": _wrappers_alive()}
+
+
+def _wrappers_alive() -> list[str]:
+    """DDP / FSDP objects still alive (no gc here): left for interpreter shutdown, their gloo work
+    made the process abort on exit."""
+    import gc
+
+    kinds = ("DistributedDataParallel", "FSDPState", "FSDPParamGroup", "FSDPCommContext")
+    return sorted({type(o).__name__ for o in gc.get_objects() if type(o).__name__ in kinds})
 
 
 class Flaky(TwoLayer):
@@ -121,6 +130,7 @@ def main() -> None:
             run_failing(mode)
         except Exception as e:
             (out / f"rank{rank}.error").write_text(f"{type(e).__name__}: {e}")
+            dist.destroy_process_group()
             raise
     dist.destroy_process_group()
 

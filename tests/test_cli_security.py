@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from _io_fixtures import hostile_files, hostile_ids, sentinels
+from _io_fixtures import hostile_files, hostile_ids, payload_bytes, sentinel_dir, sentinels
 from click.testing import CliRunner
 
 from cli.main import cli
@@ -50,9 +50,10 @@ def world(tmp_path_factory) -> World:
     pt2 = save_pt2(model, splits.calib_inputs[:4], root / "clean.pt2")
     data = save_data(root / "data.pt", splits.calib_inputs, splits.calib_targets, splits.test_inputs,
                      splits.test_targets)
-    tied = CliRunner().invoke(cli, ["tie", str(pt2), "-o", str(root / "tied"), "--bits", "2"])
-    assert tied.exit_code == 0, tied.output
-    return World(root, hostile_files(root), pt2, data, root / "tied" / "clean.tied.pt2", root / "tied" / "clean.onnx")
+    made = CliRunner().invoke(cli, ["tie", str(pt2), "-o", str(root / "tied"), "--bits", "2"])
+    assert made.exit_code == 0, made.output
+    tied = root / "tied"
+    return World(root, hostile_files(root), pt2, data, tied / "clean.tied.pt2", tied / "clean.onnx")
 
 
 # command id -> argv with the hostile file `h` in that slot, writing (if it ever did) into `out`
@@ -64,7 +65,8 @@ def _commands(w: World, h: str, out: Path) -> dict[str, list[str]]:
         "export": ["export", h, "--onnx", str(out / "m.onnx"), "--safetensors", str(out / "m.safetensors")],
         "verify MODEL": ["verify", h, "--reference", str(w.merged), "--runs", "1", "--json", str(out / "v.json")],
         "verify --reference": ["verify", str(w.onnx), "--reference", h, "--runs", "1"],
-        "verify --original": ["verify", str(w.onnx), "--reference", str(w.merged), "--original", h, "--runs", "1"],
+        "verify --original": ["verify", str(w.onnx), "--reference", str(w.merged), "--original", h,
+                              "--runs", "1"],
         "verify --data": ["verify", str(w.onnx), "--reference", str(w.merged), "--data", h, "--runs", "1"],
     }
 
@@ -74,7 +76,8 @@ def _commands(w: World, h: str, out: Path) -> dict[str, list[str]]:
 FIRST_READ = ["audit", "tie", "export", "verify --reference", "verify --original"]
 READ_AFTER_A_MODEL = ["tie --data", "verify MODEL", "verify --data"]
 FAMILIES = ["pickle-os_system-p0", "pickle-runpy_run_path-p5", "torch_zip-builtins_exec",
-            "pt2_sample_inputs-os_system", "pt2_constant-nested_pickle_loads", "pt2_sample_inputs_zipped-os_system",
+            "pt2_sample_inputs-os_system", "pt2_constant-nested_pickle_loads",
+            "pt2_sample_inputs_zipped-os_system",
             "pt2_opaque_constant-os_system", "wrong_extension-onnx", "wrong_extension-safetensors",
             "zip_odd_flags-os_system"]
 CASES = ([(c, f) for c in FIRST_READ for f in hostile_ids()]
@@ -141,21 +144,22 @@ def test_trust_pickle_covers_only_the_model_never_data_or_the_checked_export(wor
 
 
 def test_the_payloads_are_live_through_the_cli(tmp_path):
-    """With --trust-pickle (the user's explicit consent) the same file does run: the refusal is what protects."""
-    files = hostile_files(tmp_path)
-    result = _invoke(["audit", str(files["pickle-os_system-p2"]), "--trust-pickle"])
+    """With --trust-pickle (the user's consent) the same payload does run: the refusal is what protects."""
+    path = tmp_path / "live.pt"
+    path.write_bytes(payload_bytes("os_system", sentinel_dir(tmp_path) / "live"))
+    result = _invoke(["audit", str(path), "--trust-pickle"])
     assert result.exit_code == 2  # the unpickled object is not a model
-    assert sentinels(tmp_path) == ["pickle-os_system-p2"]
+    assert sentinels(tmp_path) == ["live"]
 
 
 def test_a_real_process_prints_one_line_and_exits_2(world, tmp_path):
     path = world.hostile["pt2_constant-builtins_exec"]
     proc = subprocess.run([sys.executable, "-m", "cli", "tie", str(path), "-o", str(tmp_path / "out")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 2
     assert proc.stdout == ""
-    assert proc.stderr.splitlines() == [
+    assert proc.stderr.splitlines() == [(
         f"error: {path}: entry '_clean/data/constants/tensor_0': refused to unpickle (it needs __builtin__.exec): "
-        "a pickle runs code from the file; pass --trust-pickle only for files you trust"]
+        "a pickle runs code from the file; pass --trust-pickle only for files you trust")]
     assert sentinels(world.root) == [] and not (tmp_path / "out").exists()

@@ -81,6 +81,8 @@ def test_two_ranks_give_the_single_process_result_and_hold_the_same_plan_at_ever
         for r in ranks:
             torch.testing.assert_close(r["codebooks"][tensor][0], values, rtol=0, atol=1e-6)
             assert torch.equal(r["codebooks"][tensor][1], indices)
+    # the DDP / FSDP wrappers are gone when finetune_ returns
+    assert ranks[0]["left"] == ranks[1]["left"] == []
     # the loss each rank logs is the global batch's
     for mine, theirs in zip(ranks[0]["history"], single["history"]):
         assert mine["phase"] == theirs["phase"]
@@ -103,11 +105,50 @@ def test_a_rank_that_dies_ends_the_torchrun_run_with_an_error(tmp_path):
     started = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           "-m", "tests._distributed_fixtures", "crash", str(tmp_path)],
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode != 0
     assert time.perf_counter() - started < _BOUND_S
     assert "exitcode  : 3" in run.stderr  # torchrun's summary names the rank that died
     assert not (tmp_path / "rank1.error").exists()  # it died without unwinding
+
+
+# --- `compress tie --nproc 2` -------------------------------------------------------------------------
+
+def test_tie_with_nproc_2_writes_what_one_process_writes(tmp_path):
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from cli.main import cli
+    from tests._tie_fixtures import save_data, save_pt2, trained_two_layer
+
+    model, data = trained_two_layer(steps=3)
+    pt2 = save_pt2(model, data.calib_inputs[:4], tmp_path / "tiny.pt2")
+    dat = save_data(tmp_path / "tiny_data.pt", data.calib_inputs, data.calib_targets, data.test_inputs,
+                    data.test_targets)
+    args = ["tie", str(pt2), "--data", str(dat), "--bits", "2", "--epochs", "3", "--no-onnx"]
+    one = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "one")], catch_exceptions=False)
+    assert one.exit_code == 0, one.output
+    two = subprocess.run([sys.executable, "-m", "cli", *args, "-o", str(tmp_path / "two"), "--nproc", "2"],
+                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert two.stdout.count("files written") == 1  # rank 0 alone prints and writes
+    names = ["tiny.plan.json", "tiny.report.json", "tiny.safetensors", "tiny.tied.pt2"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == names
+    assert (tmp_path / "one" / "tiny.plan.json").read_text() == (tmp_path / "two" / "tiny.plan.json").read_text()
+    a, b = load_file(tmp_path / "one" / "tiny.safetensors"), load_file(tmp_path / "two" / "tiny.safetensors")
+    assert a.keys() == b.keys() and "fc1.weight.indices" in a
+    for key in a:  # float32: only the order of the gradient sums differs
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+
+
+def test_tie_nproc_needs_data(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    result = CliRunner().invoke(cli, ["tie", str(tmp_path / "model.pt2"), "--nproc", "2"])
+    assert result.exit_code == 2
+    assert result.output == "error: --nproc runs the fine-tuning in several processes; it needs --data FILE\n"
 
 
 # --- the pieces, in one process -----------------------------------------------------------------------
