@@ -10,12 +10,12 @@ from pathlib import Path
 import click
 
 from compress._atomic import check_output, write_text_atomic
-from compress.codebook import GRANULARITIES
 from compress._units import format_iec
+from compress.codebook import GRANULARITIES
 from compress.errors import BadInputError, VerificationError
-from compress.runtime import resolve_provider
 from compress.finetune import FinetuneConfig
 from compress.plan import TieConfig, json_text
+from compress.runtime import resolve_provider
 from compress.soft_tie import PRIORS
 from compress.tie import DEFAULT_OUT_DIR, tie
 

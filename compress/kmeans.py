@@ -284,7 +284,7 @@ def _split_largest(data: _Sorted, centers: np.ndarray, k: int) -> np.ndarray:
         if len(centers) >= k:
             break
         seg = data.segments(centers)
-        _, w, sse = data.means_and_sse(seg)
+        _, _, sse = data.means_and_sse(seg)
         spread = np.where(seg[1:] - seg[:-1] > 1, sse, -1.0)
         j = int(np.argmax(spread))
         if spread[j] <= 0:

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from . import _safetensors_header as st_header
-from ._atomic import TMP_PREFIX
+from ._atomic import TMP_PREFIX, _fsync
 from ._library_errors import library_call
 from ._units import format_iec
 from .codebook import bits_for, row_offsets
@@ -966,11 +966,7 @@ def _write_report(path: Path, result: StreamResult) -> None:
 
 def _fsync_all(folder: Path) -> None:
     for p in folder.iterdir():
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(p)
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

@@ -28,10 +28,9 @@ def test_files_appear_together_after_success(tmp_path):
 def test_failure_leaves_old_outputs_intact_and_no_temporaries(tmp_path):
     a = tmp_path / "out.bin"
     a.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
-        with atomic_outputs([a], force=True) as (ta,):
-            ta.write_bytes(b"half")
-            raise RuntimeError("disk on fire")
+    with pytest.raises(RuntimeError), atomic_outputs([a], force=True) as (ta,):
+        ta.write_bytes(b"half")
+        raise RuntimeError("disk on fire")
     assert a.read_bytes() == b"old"
     assert _leftovers(tmp_path) == []
 

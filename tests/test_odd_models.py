@@ -23,7 +23,6 @@ from safetensors import safe_open
 from torch import nn
 
 from cli.main import cli
-from compress.errors import BadInputError
 from compress.export import load_safetensors
 from compress.io import load
 from compress.plan import TieConfig
