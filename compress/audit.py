@@ -37,7 +37,7 @@ import torch
 from ._units import format_bytes, format_iec
 from .codebook import bits_for
 from .errors import BadInputError
-from .kmeans import fewest_centers, kmeans_1d
+from .kmeans import cover_starts, kmeans_1d_many
 
 REPORT_VERSION = 1
 CONFIG_VERSION = 1
@@ -427,7 +427,9 @@ def _audit_tensor(name: str, t: torch.Tensor, cfg: AuditConfig, finder: _TieFind
         if not t.dtype.is_complex:
             row.unique = int(torch.unique(t.detach()).numel())
         return row
-    x = t.detach().reshape(-1).to(torch.float64).numpy()
+    # float32 stays float32 (half the memory of float64 on the largest tensors); halves are widened
+    x = t.detach().reshape(-1)
+    x = (x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32)).numpy()
     finite = np.isfinite(x)
     row.nonfinite = int(n - np.count_nonzero(finite))
     if row.nonfinite:
@@ -439,30 +441,37 @@ def _audit_tensor(name: str, t: torch.Tensor, cfg: AuditConfig, finder: _TieFind
         row.rows = _row_repeats(x.reshape(t.shape[0], -1), cfg)
     if n >= 2:
         finder.add(name, t, x)
-    row.std = float(x.std())
+    row.std = float(x.std(dtype=np.float64))
     xs = np.sort(x)
     del x  # one sorted copy from here on
-    uniq, counts = _distinct(xs)
-    row.unique, row.min, row.max = int(uniq.size), float(xs[0]), float(xs[-1])
-    groups = _group_counts(uniq, counts, cfg.tolerance)
+    new_value = _new_value_mask(xs)
+    distinct = int(np.count_nonzero(new_value))
+    row.unique, row.min, row.max = distinct, float(xs[0]), float(xs[-1])
+    groups = _group_sizes(xs, new_value, cfg.tolerance)
     row.groups, row.entropy_bits = int(groups.size), _entropy(groups)
     # k-means runs on the distinct values weighted by count when values repeat a lot, else on all
     # of them; only what it needs stays alive, so the peak is k-means' own working memory
-    if uniq.size * 4 <= n:
+    if distinct * 4 <= n:
+        starts = np.flatnonzero(new_value)
+        values, weights = xs[starts], np.diff(np.append(starts, n))
         del xs
-        values, weights = uniq, counts
     else:
-        del uniq, counts
         values, weights = xs, None
-    row.merges = [_merge_estimate(values, weights, n, bits, t.element_size()) for bits in cfg.bits]
+    del new_value
+    # one sort and one set of prefix sums serve every bit width
+    fits = kmeans_1d_many(values, [2 ** b for b in cfg.bits], None if weights is None else weights.astype(np.float64),
+                          presorted=True, labels=False)
+    row.merges = [_merge_estimate(values, weights, n, bits, t.element_size(), r) for bits, r in zip(cfg.bits, fits)]
     row.mergeable = n >= cfg.min_size
     return row
 
 
-def _distinct(xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct values of sorted `xs` and how often each occurs."""
-    starts = np.concatenate([[0], np.flatnonzero(xs[1:] != xs[:-1]) + 1])
-    return xs[starts], np.diff(np.append(starts, xs.size))
+def _new_value_mask(xs: np.ndarray) -> np.ndarray:
+    """True where sorted `xs` starts a new distinct value (one byte per value, no index arrays)."""
+    mask = np.empty(xs.size, dtype=bool)
+    mask[0] = True
+    np.not_equal(xs[1:], xs[:-1], out=mask[1:])
+    return mask
 
 
 def _kind_of(dtype: torch.dtype) -> str:
@@ -478,11 +487,11 @@ def _nonfinite_text(x: np.ndarray, finite: np.ndarray) -> str:
     return ", ".join(p for p in parts if p)
 
 
-def _group_counts(uniq: np.ndarray, counts: np.ndarray, tolerance: float) -> np.ndarray:
-    """Sizes of the fewest groups within `tolerance` of their centre (the distinct values at 0)."""
-    if tolerance == 0:
-        return counts
-    return np.bincount(fewest_centers(uniq, tolerance).labels, weights=counts).astype(np.int64)
+def _group_sizes(xs: np.ndarray, new_value: np.ndarray, tolerance: float) -> np.ndarray:
+    """Sizes of the fewest groups of sorted `xs` within `tolerance` of their centre (at 0: the
+    distinct values). Greedy interval cover, as `fewest_centers`, without per-value labels."""
+    starts = np.flatnonzero(new_value) if tolerance == 0 else cover_starts(xs, 2 * tolerance)
+    return np.diff(np.append(starts, xs.size))
 
 
 def _entropy(counts: np.ndarray) -> float:
@@ -491,23 +500,20 @@ def _entropy(counts: np.ndarray) -> float:
 
 
 def _merge_estimate(values: np.ndarray, weights: np.ndarray | None, n: int, bits: int,
-                    element_size: int) -> MergeEstimate:
-    """k-means of `values` (sorted; with `weights`, distinct values and their counts) to 2**bits
-    shared values, and the error over all `n` values.
+                    element_size: int, r) -> MergeEstimate:
+    """The error over all `n` values of `r`, the k-means of `values` (sorted; with `weights`,
+    distinct values and their counts) to 2**bits shared values.
 
     Half-precision weights have at most 65,536 distinct values: clustering them with their counts
     as weights is the same objective as clustering every value, for far less work.
     """
-    r = kmeans_1d(values, 2 ** bits, None if weights is None else weights.astype(np.float64))
-    err = np.abs(values - r.centers[r.labels])
-    sq = err * err
     k = int(r.centers.size)
     index_bits = bits_for(k)
     return MergeEstimate(
         bits=bits, centers=k, index_bits=index_bits,
         bytes=k * element_size + math.ceil(n * index_bits / 8),
-        rms_error=float(np.sqrt((sq.sum() if weights is None else sq @ weights) / n)),
-        max_error=float(err.max()),
+        rms_error=float(np.sqrt(max(r.inertia, 0.0) / n)),  # inertia: count-weighted SSE over all n values
+        max_error=r.max_error,
         values=[float(c) for c in r.centers] if k <= _MAX_LISTED_CENTERS else None,
     )
 

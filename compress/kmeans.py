@@ -25,12 +25,14 @@ _CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class KMeans1D:
-    """Sorted `centers` (float64, at most k), `labels` (int32, input order), weighted SSE `inertia`."""
+    """Sorted `centers` (float64, at most k), `labels` (int32, input order; None when not asked for),
+    weighted SSE `inertia`, and the largest |value - its centre| `max_error`."""
 
     centers: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | None
     inertia: float
     iterations: int = 0
+    max_error: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,11 @@ def kmeans_1d(values: np.ndarray, k: int, weights: np.ndarray | None = None, *,
 
 
 def kmeans_1d_many(values: np.ndarray, ks: list[int], weights: np.ndarray | None = None, *,
-                   max_iter: int = 500, presorted: bool = False) -> list[KMeans1D]:
+                   max_iter: int = 500, presorted: bool = False, labels: bool = True) -> list[KMeans1D]:
     """`kmeans_1d` for several k at once, sorting the values and building prefix sums once.
+
+    With `labels=False` the per-value labels are not computed (`labels` is None): the error
+    figures (`inertia`, `max_error`) come from the sorted values alone, for far less memory.
 
     >>> [len(r.centers) for r in kmeans_1d_many(np.arange(10.0), [2, 4])]
     [2, 4]
@@ -124,19 +129,31 @@ def kmeans_1d_many(values: np.ndarray, ks: list[int], weights: np.ndarray | None
     w = _check_weights(weights, x)
     data = _Sorted.build(x, w, presorted)
     uniq = _distinct_sorted(data.x)
-    return [_fit(data, x, uniq, k, max_iter) for k in ks]
+    return [_fit(data, x, uniq, k, max_iter, labels) for k in ks]
 
 
-def _fit(data: _Sorted, x: np.ndarray, uniq: np.ndarray, k: int, max_iter: int) -> KMeans1D:
+def _fit(data: _Sorted, x: np.ndarray, uniq: np.ndarray, k: int, max_iter: int, labels: bool) -> KMeans1D:
     if len(uniq) <= k:
-        return KMeans1D(uniq.astype(np.float64), np.searchsorted(uniq, x).astype(np.int32), 0.0)
+        lab = np.searchsorted(uniq, x).astype(np.int32) if labels else None
+        return KMeans1D(uniq.astype(np.float64), lab, 0.0)
     best = None
     for init in _starts(data, uniq, k):
         centers, sse, iters = _lloyd(data, init, k, max_iter)
         if best is None or sse < best[1] - 1e-12 * max(abs(best[1]), 1.0):
             best = (centers, sse, iters)
     centers, sse, iters = best
-    return KMeans1D(centers, assign(x, centers), float(sse), iters)
+    return KMeans1D(centers, assign(x, centers) if labels else None, float(sse), iters, _max_error(data, centers))
+
+
+def _max_error(data: _Sorted, centers: np.ndarray) -> float:
+    """Largest distance of a value to its centre: each cluster's extremes, from the sorted values."""
+    seg = data.segments(centers)
+    s, e = seg[:-1], seg[1:]
+    full = e > s
+    lo = data.x[s[full]].astype(np.float64)
+    hi = data.x[e[full] - 1].astype(np.float64)
+    c = centers[full]
+    return float(np.maximum(np.abs(c - lo), np.abs(hi - c)).max(initial=0.0))
 
 
 def _distinct_sorted(xs: np.ndarray) -> np.ndarray:
@@ -215,7 +232,7 @@ def fewest_centers(values: np.ndarray, tolerance: float) -> KMeans1D:
     if x.size == 0:
         return KMeans1D(np.zeros(0), np.zeros(0, dtype=np.int32), 0.0)
     xs = np.sort(x)
-    starts = _greedy_cover(xs, 2 * tolerance)
+    starts = cover_starts(xs, 2 * tolerance)
     ends = np.concatenate([starts[1:], [len(xs)]])
     centers = (xs[starts] + xs[ends - 1]) / 2
     labels = (np.searchsorted(xs[starts], x, side="right") - 1).astype(np.int32)
@@ -223,7 +240,9 @@ def fewest_centers(values: np.ndarray, tolerance: float) -> KMeans1D:
     return KMeans1D(centers, labels, float(err @ err))
 
 
-def _greedy_cover(xs: np.ndarray, width: float) -> np.ndarray:
+def cover_starts(xs: np.ndarray, width: float) -> np.ndarray:
+    """Start index of each group when sorted `xs` is covered left to right by intervals of `width`
+    (the fewest such groups: `fewest_centers` without labels)."""
     starts = []
     i, n = 0, len(xs)
     while i < n:
