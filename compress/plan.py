@@ -607,12 +607,12 @@ def _cluster_into(tp: TensorPlan, w: torch.Tensor, s: _Settings, importance: tor
         labels[b] = r.labels.reshape(values[b].shape)
     merged = np.take_along_axis(centers[_group_of_rows(values.shape[0], blocks)], labels.astype(np.int64), 1)
     err = merged - values
-    norm = float(np.linalg.norm(values))
+    norm = float(np.sqrt(np.einsum("ij,ij->", values, values)))  # einsum: no BLAS call, no temporary
     tp.granularity, tp.group_size, tp.k = s.granularity, (s.group_size if s.granularity == "group" else None), k
     tp.centers = centers.tolist()
     tp.labels = torch.from_numpy(labels.reshape(tuple(w.shape)))
     tp.max_error = float(np.abs(err).max())
-    tp.rel_error = float(np.linalg.norm(err) / norm) if norm > 0 else 0.0
+    tp.rel_error = float(np.sqrt(np.einsum("ij,ij->", err, err)) / norm) if norm > 0 else 0.0
 
 
 def _row_blocks(rows: int, granularity: str, group_size: int | None, groups: int) -> list[slice]:
