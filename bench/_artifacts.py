@@ -59,6 +59,8 @@ class Built:
     clustered: int = 0
     clustered_numel: int = 0
     total_numel: int = 0
+    packed_bytes: int = 0  # merged tensors at ceil(n * bits / 8) index bytes + codebook bytes
+    dense_bytes: int = 0  # every parameter and buffer that was not merged, each storage once
     fp32_safetensors: Path | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -92,7 +94,22 @@ def build(name: str, model: nn.Module, example: tuple[torch.Tensor, ...], out_di
     b.clustered = len(codebooks.tensors)
     b.clustered_numel = sum(cb.numel for cb in codebooks.tensors.values())
     b.total_numel = sum(p.numel() for p in model.parameters())
+    b.packed_bytes = sum(cb.packed_bytes() for cb in codebooks.tensors.values())
+    b.dense_bytes = _dense_bytes(model, set(codebooks.tensors) | set(codebooks.aliases))
     return b
+
+
+def _dense_bytes(model: nn.Module, merged: set[str]) -> int:
+    """Bytes of the original model's tensors that stay dense: each storage counted once."""
+    seen, total = set(), 0
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if name in merged or key in seen:
+            seen.add(key)
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
 
 
 def build_sample(name: str, out_dir: Path, bits: int = 4, batch: int = 64) -> Built:

@@ -330,12 +330,12 @@ def finish(name: str, started: float, args: argparse.Namespace, tables: Sequence
 # --- formatting -----------------------------------------------------------------------------------
 
 def fmt_bytes(n: float | None) -> str:
+    """IEC units (KiB, MiB, GiB), as everywhere in the toolkit: "MB" means different things to different tools."""
     if n is None:
         return "—"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
+    from compress._units import format_iec
+
+    return format_iec(n)
 
 
 def fmt_s(s: float | None) -> str:

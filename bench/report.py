@@ -93,6 +93,8 @@ def targets_block(results: dict[str, dict]) -> str:
 
 
 def rewrite(text: str, results: dict[str, dict]) -> tuple[str, list[str]]:
+    """Replace every marked block; only results with a block of their own count in machine and targets."""
+    results = {n: d for n, d in results.items() if block(n).search(text)}
     done = []
     blocks = {"machine": machine_block(results), "targets": targets_block(results)}
     blocks |= {name: section(d) for name, d in results.items()}
@@ -106,6 +108,7 @@ def rewrite(text: str, results: dict[str, dict]) -> tuple[str, list[str]]:
 
 
 def run_all() -> None:
+    first = time.perf_counter()
     for name in SCRIPTS:
         script = C.ROOT / "bench" / f"{name}.py"
         if not script.exists():
@@ -115,6 +118,7 @@ def run_all() -> None:
         print(f"== {name}", flush=True)
         proc = subprocess.run([sys.executable, str(script)], cwd=C.ROOT, check=False)
         print(f"== {name}: exit {proc.returncode} after {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"== all: {time.perf_counter() - first:.0f} s", flush=True)
 
 
 def main() -> int:
@@ -126,7 +130,11 @@ def main() -> int:
     if not DOC.exists():
         raise SystemExit(f"{DOC} does not exist")
     results = load_results()
-    text, done = rewrite(DOC.read_text(), results)
+    text = DOC.read_text()
+    for name in results:
+        if not block(name).search(text):
+            print(f"bench/out/{name}.json has no <!-- bench:{name}:begin --> block in {DOC.name}: not shown")
+    text, done = rewrite(text, results)
     from compress._atomic import write_text_atomic
 
     write_text_atomic(DOC, text, force=True)
