@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from compress._atomic import cleanup_pending
 from compress.errors import CompressError
 
 from . import audit, export, tie, verify
@@ -29,6 +30,7 @@ class _Group(click.Group):
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
+            cleanup_pending()
             click.echo("interrupted: no output was written", err=True)
             ctx.exit(130)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,6 +18,33 @@ from pathlib import Path
 from .errors import BadInputError, CompressError
 
 TMP_PREFIX = ".compress-tmp-"
+# Temporary files and folders this process has made and not yet renamed or removed: an interrupt
+# (Ctrl-C) can land anywhere, even inside a `finally`, so the CLI's handler sweeps what is left.
+_PENDING: set[Path] = set()
+
+
+def cleanup_pending() -> None:
+    """Remove every temporary file or folder this process left behind (after an interrupt)."""
+    for p in list(_PENDING):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        _PENDING.discard(p)
+
+
+@contextlib.contextmanager
+def staging_dir(parent: Path | str) -> Iterator[Path]:
+    """A temporary folder inside `parent` (created when needed), removed on exit whatever happens."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent))
+    _PENDING.add(path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        _PENDING.discard(path)
 
 
 def check_output(path: Path, *, force: bool, inputs: Sequence[Path] = ()) -> None:
@@ -51,12 +79,14 @@ def atomic_outputs(paths: Sequence[Path | str], *, force: bool = False,
             fd, name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + t.name, dir=t.parent)
             os.close(fd)
             temps.append(Path(name))
+            _PENDING.add(Path(name))
         yield temps
         for tmp, t in zip(temps, targets):
             _fsync(tmp)
             _keep_mode(tmp, t)
         for tmp, t in reversed(list(zip(temps, targets))):
             os.replace(tmp, t)
+            _PENDING.discard(tmp)
         temps = []
     except OSError as e:
         if e.errno == errno.ENOSPC:
@@ -66,6 +96,7 @@ def atomic_outputs(paths: Sequence[Path | str], *, force: bool = False,
         for tmp in temps:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+            _PENDING.discard(tmp)
 
 
 def write_bytes_atomic(path: Path | str, data: bytes, *, force: bool = False,

@@ -18,7 +18,6 @@ import hashlib
 import io as _io
 import os
 import platform
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from ._atomic import TMP_PREFIX, atomic_outputs, check_output
+from ._atomic import atomic_outputs, check_output, staging_dir
 from ._units import format_bytes
 from .codebook import Codebooks, bits_for
 from .errors import BadInputError, CompressError, UnsupportedModelError
@@ -145,7 +144,7 @@ def tie(loaded, cfg: TieConfig | None = None, *, data=None, finetune: FinetuneCo
     payload, dynamic = _serialize(model, examples if graph else None, getattr(loaded, "program", None))
     report = _report(loaded, data_path, cfg, ft, plan, codebooks, originals, before, _stored_bytes(model), quality,
                      ft_result, paths, dynamic, time.perf_counter() - started)
-    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=_made(out_dir)) as staging:
+    with staging_dir(out_dir) as staging:
         notes: list[str] = []
         try:
             exports, checks = _export_and_verify(model, codebooks, examples if graph else None, reference, data,
@@ -203,11 +202,6 @@ def _export_targets(model_path: Path, export: ExportOptions, graph: bool) -> lis
 def _cpu_lacks_bfloat16(model: nn.Module, provider: str) -> bool:
     cpu = provider.lower() in ("cpu", "cpuexecutionprovider")
     return cpu and any(t.dtype == torch.bfloat16 for t in (*model.parameters(), *model.buffers()))
-
-
-def _made(folder) -> Path:
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    return Path(folder)
 
 
 def _export_and_verify(model: nn.Module, codebooks: Codebooks, examples: tuple | None, reference, data,
