@@ -269,8 +269,8 @@ class Target:
 
 def write_json(name: str, *, tables: Sequence[Table], results: object, quick: bool, elapsed_s: float,
                targets: Sequence[Target] = (), missing: Sequence[str] = (), plots: Sequence[Path] = ()) -> Path:
-    """Write `bench/out/<name>.json` atomically (via compress._atomic) and return its path."""
-    from compress._atomic import write_text_atomic
+    """Write `bench/out/<name>.json` atomically (via compress.atomic) and return its path."""
+    from compress.atomic import write_text_atomic
 
     payload = {
         "version": 1,
@@ -305,7 +305,7 @@ def save_plot(fig, name: str) -> Path:
     """Save a matplotlib figure as `bench/plots/<name>.png` (atomic rename) and close it."""
     import matplotlib.pyplot as plt
 
-    from compress._atomic import write_bytes_atomic
+    from compress.atomic import write_bytes_atomic
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -333,7 +333,7 @@ def fmt_bytes(n: float | None) -> str:
     """IEC units (KiB, MiB, GiB), as everywhere in the toolkit: "MB" means different things to different tools."""
     if n is None:
         return "—"
-    from compress._units import format_iec
+    from compress.units import format_iec
 
     return format_iec(n)
 
@@ -397,7 +397,7 @@ def fp32_onnx(model, example_inputs: tuple, path: Path) -> int:
     dimension 0, one file); returns the bytes written. The baseline every ONNX comparison uses."""
     import torch
 
-    from compress._atomic import write_bytes_atomic
+    from compress.atomic import write_bytes_atomic
 
     dynamic = tuple({0: torch.export.Dim.AUTO} if a.dim() else None for a in example_inputs)
     with silenced(), warnings.catch_warnings():

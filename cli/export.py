@@ -7,23 +7,22 @@ from pathlib import Path
 
 import click
 
-from compress._atomic import check_output, write_text_atomic
+from compress.atomic import check_output
 from compress.errors import BadInputError
-from compress.export import codebooks_from_state_dict, export_onnx, export_safetensors
+from compress.export import export_onnx, export_safetensors
 from compress.io import load
+from compress.state import codebooks_from_state_dict
 
 from . import options
+from .output import emit, print_export
 
 
 @click.command("export")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write an ONNX model: codebooks + narrow indices decoded in-graph (Cast -> Gather).")
-@click.option("--safetensors", "st_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write a safetensors file: codebooks + packed indices, the recipe in its metadata.")
-@click.option("--codebook-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="Codebook precision in the ONNX file (float16 adds a Cast and rounds the shared values).")
-@click.option("--no-dedup", is_flag=True, help="Keep identical initializers separate in the ONNX file.")
+@options.onnx_out
+@options.safetensors_out
+@options.codebook_dtype
+@options.no_dedup
 @options.json_out
 @options.trust_pickle
 @options.force
@@ -50,23 +49,10 @@ def command(model: Path, onnx_path: Path | None, st_path: Path | None, codebook_
                                       codebook_dtype=codebook_dtype, dedup=not no_dedup, force=force)
     if st_path:
         reports["safetensors"] = export_safetensors(source, codebooks, st_path, force=force)
-    _print(reports, err=json_path == "-")
-    if json_path:
-        text = json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2)
-        if json_path == "-":
-            click.echo(text)
-        else:
-            write_text_atomic(json_path, text, force=force, inputs=[model])
 
+    def show(out):
+        for report in reports.values():
+            print_export(out, report)
 
-def _print(reports: dict, err: bool) -> None:
-    from rich.console import Console
-
-    # with `--json -` stdout carries the JSON alone; the tables go to stderr
-    console = Console(width=160, soft_wrap=False, stderr=err)
-    for report in reports.values():
-        console.print(report.to_table())
-        for note in report.notes:
-            console.print(f"note: {note}")
-        click.echo(f"wrote {', '.join(report.files)}: {report.file_bytes:,} bytes "
-                   f"({report.ratio_to_dense:.3f}x dense, {report.ratio_to_bound:.3f}x the bound)", err=err)
+    emit(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2), json_path, show, force=force,
+         inputs=[model])

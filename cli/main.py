@@ -1,7 +1,8 @@
 """`compress` command group. Each command lives in its own module and calls one library function.
 
-User errors (`CompressError`) are caught here, once: one line on stderr and the error's exit code
-(2 for bad input, 1 for failed verification). `--debug` re-raises them with a traceback.
+User errors (`CompressError`) are caught here, once: one line on stderr, with the parameters the
+error names written as this command line's flags, and the error's exit code (2 for bad input, 1 for
+failed verification). `--debug` re-raises them with a traceback.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ import sys
 
 import click
 
-from compress._atomic import cleanup_pending
+from compress.atomic import cleanup_pending
 from compress.errors import CompressError
 
-from . import audit, export, tie, verify
+from . import audit, export, options, tie, verify
 
 
 class _Group(click.Group):
@@ -27,7 +28,7 @@ class _Group(click.Group):
         except CompressError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {e.render(options.flag)}", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             cleanup_pending()

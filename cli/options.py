@@ -1,14 +1,124 @@
-"""Options shared by several commands, defined once and stacked with decorators."""
+"""Every option of the command line, defined once; commands stack the ones they take.
+
+`FLAGS` maps a library parameter to its flag where the two are not spelled alike, so an error that
+names a parameter (`compress.errors.Option`) is shown with the flag the user types.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
+from compress.granularity import KINDS
+from compress.tying import PRIORS, FinetuneConfig
+
+FLAGS = {"path": "PATH", "data": "--data", "out_dir": "--out-dir", "config": "--config",
+         "reference": "--reference", "original": "--original"}
+
+
+def flag(option) -> str:
+    """How the command line writes a parameter named in an error."""
+    return option.flag(FLAGS)
+
+
+def _path(**kw):
+    return click.Path(path_type=Path, **kw)
+
+
+# --- shared by several commands -------------------------------------------------------------------
+
 trust_pickle = click.option(
-    "--trust-pickle",
-    is_flag=True,
-    help="Allow loading pickled code from the model file. Only for files you trust: a pickle runs code.",
-)
+    "--trust-pickle", is_flag=True,
+    help="Allow loading pickled code from the model file. Only for files you trust: a pickle runs code.")
 json_out = click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
                         help="Also write the result as JSON to this file ('-' for stdout).")
 force = click.option("--force", is_flag=True, help="Overwrite existing output files.")
+data = click.option("--data", "data_path", type=_path(), default=None,
+                    help="Data file (calib/test inputs, optional targets): fine-tuning, accuracy, test inputs.")
+provider = click.option("--provider", default="cpu", show_default=True,
+                        help="onnxruntime provider: cpu, cuda or a full name such as CUDAExecutionProvider.")
+atol = click.option("--atol", type=float, default=1e-4, show_default=True,
+                    help="Absolute tolerance of the onnxruntime-vs-torch check.")
+rtol = click.option("--rtol", type=float, default=1e-4, show_default=True,
+                    help="Relative tolerance of the onnxruntime-vs-torch check.")
+tolerance = click.option("--tolerance", type=float, default=None,
+                         help="Absolute distance within which a weight may share a value. tie: the fewest shared "
+                              "values keeping every weight within it (instead of --bits); audit: values within it "
+                              "count as one group (default 1e-3).")
+tie_tolerance = click.option("--tie-tolerance", type=float, default=None,
+                             help="Relative error ||a - b|| / max(||a||, ||b||) under which two tensors count as "
+                                  "copies (default: tie 0, exact only; audit 1e-3).")
+
+# --- tie ------------------------------------------------------------------------------------------
+
+out_dir = click.option("-o", "--out-dir", type=_path(file_okay=False), default=Path("compressed"),
+                       show_default=True,
+                       help="Folder for <stem>.tied.pt2, .plan.json, .report.json, .onnx and .safetensors.")
+bits = click.option("--bits", type=int, default=None,
+                    help="Index bits per weight, 1..8 (K = 2**bits shared values); default 4. Flags set the "
+                         "global values: by_type/by_name overrides in --config still apply on top.")
+granularity = click.option("--granularity", type=click.Choice(KINDS), default=None,
+                           help="One codebook per tensor (default), per output channel, or per group of channels.")
+group_size = click.option("--group-size", type=int, default=None, help="Channels per codebook for --granularity group.")
+epochs = click.option("--epochs", type=int, default=None,
+                      help=f"Soft-tying epochs with --data (default: enough for {FinetuneConfig.min_steps} steps, "
+                           "at least 3; 0: post-training clustering only).")
+strength = click.option("--strength", type=float, default=None,
+                        help=f"Soft-tying strength lambda (default {FinetuneConfig.strength}): the pull on each "
+                             "weight is about lambda * (w - its centre), whatever the tensor's size.")
+prior = click.option("--prior", type=click.Choice(PRIORS), default="pairwise", show_default=True,
+                     help="Soft-tying prior: pairwise pull to the cluster mean, or a learned Gaussian mixture.")
+zero_component = click.option("--zero-component", is_flag=True,
+                              help="Mixture prior: fix one shared value at 0 (pruning).")
+importance = click.option("--importance", is_flag=True,
+                          help="Weight the clustering by each weight's mean squared gradient on --data.")
+exclude = click.option("--exclude", multiple=True, metavar="GLOB",
+                       help="Leave parameters matching GLOB alone (repeatable).")
+include = click.option("--include", multiple=True, metavar="GLOB",
+                       help="Tie parameters matching GLOB even if the defaults skip them (bias, norm, small).")
+config = click.option("--config", "config_path", type=_path(dir_okay=False), default=None,
+                      help="tie.json: defaults, by_type and by_name overrides; flags given here win over it.")
+seed = click.option("--seed", type=int, default=0, show_default=True, help="Seed for batch order and sampling.")
+nproc = click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Fine-tune with N processes on this machine (re-runs this command under torchrun; each "
+                          "takes 1/N of every batch). For several machines run torchrun yourself (README).")
+fsdp = click.option("--fsdp", is_flag=True,
+                    help="Under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of "
+                         "replicating them (DDP), for models whose training state does not fit one process.")
+no_onnx = click.option("--no-onnx", is_flag=True, help="Do not write <stem>.onnx.")
+no_safetensors = click.option("--no-safetensors", is_flag=True, help="Do not write <stem>.safetensors.")
+no_verify = click.option("--no-verify", is_flag=True, help="Do not run the exports in onnxruntime / load them back.")
+workers = click.option("--workers", type=click.IntRange(min=1), default=None,
+                       help="Processes clustering a safetensors checkpoint in parallel (default: all cores that "
+                            "fit in memory).")
+stream = click.option("--stream", is_flag=True,
+                      help="Tie a .safetensors file tensor by tensor (always on for *.safetensors.index.json).")
+
+# --- audit ----------------------------------------------------------------------------------------
+
+markdown = click.option("--markdown", is_flag=True,
+                        help="Print markdown tables (for CI summaries) instead of the table.")
+plot = click.option("--plot", "plot_path", type=_path(dir_okay=False), default=None,
+                    help="Also write histograms of the largest tensors with their 4-bit shared values to this PNG.")
+top = click.option("--top", type=click.IntRange(min=0), default=25, show_default=True,
+                   help="Rows shown per list (0 shows all).")
+
+# --- export and verify ----------------------------------------------------------------------------
+
+onnx_out = click.option("--onnx", "onnx_path", type=_path(dir_okay=False), default=None,
+                        help="Write an ONNX model: codebooks + narrow indices decoded in-graph (Cast -> Gather).")
+safetensors_out = click.option("--safetensors", "st_path", type=_path(dir_okay=False), default=None,
+                               help="Write a safetensors file: codebooks + packed indices, the recipe in its metadata.")
+codebook_dtype = click.option("--codebook-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+                              show_default=True,
+                              help="Codebook precision in the ONNX file (float16 adds a Cast and rounds the values).")
+no_dedup = click.option("--no-dedup", is_flag=True, help="Keep identical initializers separate in the ONNX file.")
+reference = click.option("--reference", type=_path(), required=True,
+                         help="The merged PyTorch model the file was exported from (.pt2).")
+original = click.option("--original", type=_path(), default=None,
+                        help="Also compare with the model before compression (max abs, cosine, top-1 agreement).")
+keep_compressed = click.option("--keep-compressed", is_flag=True,
+                               help="Check with onnxruntime's constant folding off (weights stay compressed in memory).")
+runs = click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True,
+                    help="Runs for the median latency.")

@@ -21,9 +21,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import BadInputError
+from .granularity import KINDS, Granularity
+from .records import Record, codec
 
 FORMAT_VERSION = 1
-GRANULARITIES = ("tensor", "channel", "group")
+GRANULARITIES = KINDS
+FILE_FORMAT = "codebook"  # `compress.format` in the metadata of the codebook safetensors files
+FILE_FORMAT_VERSION = 1
 
 
 def bits_for(k: int) -> int:
@@ -40,38 +44,43 @@ def index_dtype(k: int) -> torch.dtype:
     return torch.int32
 
 
-def groups_for(shape: tuple[int, ...], granularity: str, group_size: int | None) -> int:
-    """Number of codebook rows: 1 per tensor, one per output channel, or one per group of channels."""
-    if granularity == "tensor" or len(shape) == 0:
-        return 1
-    if granularity == "channel":
-        return shape[0]
-    if granularity == "group":
-        if not group_size or group_size < 1:
-            raise BadInputError("granularity 'group' needs a group size >= 1 (--group-size N)")
-        return math.ceil(shape[0] / group_size)
-    raise BadInputError(f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
+def _tensor_list(t: torch.Tensor) -> list:
+    return t.double().tolist()
 
 
-def row_offsets(shape: tuple[int, ...], granularity: str, group_size: int | None, k: int) -> torch.Tensor:
-    """Offset into the flat codebook for every element's row, broadcastable to `shape` (int64)."""
-    if granularity == "tensor" or len(shape) == 0:
-        return torch.zeros((), dtype=torch.int64)
-    rows = torch.arange(shape[0], dtype=torch.int64)
-    group = rows if granularity == "channel" else rows // int(group_size)
-    return (group * k).view(shape[0], *([1] * (len(shape) - 1)))
+def _codebook_from(value, d) -> torch.Tensor:
+    dtype = getattr(torch, str(d.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise BadInputError(f"codebook {d.get('name')!r}: dtype {d.get('dtype')!r} is not a float type")
+    return torch.tensor(value, dtype=torch.float64).to(dtype)
+
+
+def _indices_from(value, d) -> torch.Tensor:
+    shape = tuple(int(s) for s in d["shape"])
+    return torch.tensor(value, dtype=torch.int64).reshape(shape).to(index_dtype(int(d.get("k", 256))))
 
 
 @dataclass
-class TensorCodebook:
-    """One merged tensor: `codebook` [groups, K] in the weight's dtype, `indices` with its shape."""
+class TensorCodebook(Record):
+    """One merged tensor: `codebook` [groups, K] in the weight's dtype, `indices` with its shape.
+
+    `granularity` ("tensor", "channel", "group") and `group_size` say which codebook row each
+    first-axis row of the weight reads (see `grain`).
+    """
 
     name: str
     shape: tuple[int, ...]
     granularity: str
-    codebook: torch.Tensor
-    indices: torch.Tensor
+    codebook: torch.Tensor = field(metadata=codec(_tensor_list, _codebook_from))
+    indices: torch.Tensor = field(metadata=codec(lambda t: t.reshape(-1).tolist(), _indices_from))
     group_size: int | None = None
+
+    _what = "codebook"
+    _derived = ("k", "bits", "dtype")
+
+    @property
+    def grain(self) -> Granularity:
+        return Granularity.of(self.granularity, self.group_size)
 
     @property
     def k(self) -> int:
@@ -91,7 +100,7 @@ class TensorCodebook:
 
     def decode(self) -> torch.Tensor:
         """The dense merged tensor (exactly the shared values, no rounding)."""
-        offsets = row_offsets(self.shape, self.granularity, self.group_size, self.k)
+        offsets = self.grain.row_offsets(self.shape, self.k)
         flat = self.codebook.reshape(-1)
         return flat[(self.indices.long() + offsets).reshape(-1)].reshape(self.shape)
 
@@ -100,52 +109,35 @@ class TensorCodebook:
         return math.ceil(self.numel * self.bits / 8) + self.codebook.numel() * self.codebook.element_size()
 
     def to_dict(self, with_tensors: bool = True) -> dict:
-        d = {
-            "name": self.name,
-            "shape": list(self.shape),
-            "granularity": self.granularity,
-            "group_size": self.group_size,
-            "k": self.k,
-            "bits": self.bits,
-            "dtype": str(self.dtype).removeprefix("torch."),
-        }
-        if with_tensors:
-            d["codebook"] = self.codebook.double().tolist()
-            d["indices"] = self.indices.reshape(-1).tolist()
+        d = super().to_dict()
+        d["dtype"] = str(self.dtype).removeprefix("torch.")
+        if not with_tensors:
+            del d["codebook"], d["indices"]
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TensorCodebook:
-        dtype = getattr(torch, d["dtype"])
-        shape = tuple(int(s) for s in d["shape"])
-        codebook = torch.tensor(d["codebook"], dtype=torch.float64).to(dtype)
-        indices = torch.tensor(d["indices"], dtype=torch.int64).reshape(shape).to(index_dtype(d["k"]))
-        return cls(d["name"], shape, d["granularity"], codebook, indices, d.get("group_size"))
 
 
 @dataclass
-class Alias:
+class Alias(Record):
     """`name` stores no data of its own: it is `target` (transposed when `transpose`)."""
 
     name: str
     target: str
     transpose: bool = False
 
-    def to_dict(self) -> dict:
-        return {"name": self.name, "target": self.target, "transpose": self.transpose}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Alias:
-        return cls(d["name"], d["target"], bool(d.get("transpose", False)))
+    _what = "alias"
 
 
 @dataclass
-class Codebooks:
+class Codebooks(Record):
     """Every merged tensor of a model and every tensor-level tie, keyed by parameter name."""
 
     tensors: dict[str, TensorCodebook] = field(default_factory=dict)
     aliases: dict[str, Alias] = field(default_factory=dict)
     version: int = FORMAT_VERSION
+
+    _what = "codebooks format"
+    _version_required = True
+    _version_hint = "re-run `compress tie` with this version"
 
     def to_dict(self, with_tensors: bool = True) -> dict:
         return {
@@ -154,17 +146,38 @@ class Codebooks:
             "aliases": {n: a.to_dict() for n, a in self.aliases.items()},
         }
 
+
+@dataclass
+class Recipe(Record):
+    """How one merged tensor is stored in a codebook safetensors file (`compress.tensors` metadata)."""
+
+    codebook: str
+    indices: str
+    bits: int
+    k: int
+    packing: str
+    shape: list[int]
+    dtype: str
+    granularity: str
+    group_size: int | None = None
+
+    _what = "codebook recipe"
+
     @classmethod
-    def from_dict(cls, d: dict) -> Codebooks:
-        if d.get("version") != FORMAT_VERSION:
-            raise BadInputError(
-                f"codebooks format version {d.get('version')!r} is not supported (this is version "
-                f"{FORMAT_VERSION}); re-run `compress tie` with this version"
-            )
-        return cls(
-            {n: TensorCodebook.from_dict(t) for n, t in d["tensors"].items()},
-            {n: Alias.from_dict(a) for n, a in d.get("aliases", {}).items()},
-        )
+    def _validate(cls, kw: dict, where: str) -> None:
+        if not 1 <= kw["bits"] <= 16 or not 1 <= kw["k"] <= 1 << kw["bits"]:
+            raise BadInputError(f"{where}: bits {kw['bits']} and k {kw['k']} do not fit (1 <= k <= 2**bits, "
+                                "bits <= 16)")
+        if any(s < 0 for s in kw["shape"]):
+            raise BadInputError(f"{where}: shape {kw['shape']} has a negative dimension")
+        if kw["granularity"] not in KINDS:
+            raise BadInputError(f"{where}: unknown granularity {kw['granularity']!r}")
+        if not isinstance(getattr(torch, kw["dtype"], None), torch.dtype) or kw["dtype"].startswith("_"):
+            raise BadInputError(f"{where}: unknown dtype {kw['dtype']!r}")
+
+    @property
+    def grain(self) -> Granularity:
+        return Granularity.of(self.granularity, self.group_size)
 
 
 class CodebookParametrization(nn.Module):
@@ -177,7 +190,8 @@ class CodebookParametrization(nn.Module):
         self.granularity = granularity
         self.group_size = group_size
         self.register_buffer("index", indices)
-        self.register_buffer("offset", row_offsets(self.shape, granularity, group_size, k), persistent=False)
+        grain = Granularity.of(granularity, group_size)
+        self.register_buffer("offset", grain.row_offsets(self.shape, k), persistent=False)
 
     def forward(self, codebook: torch.Tensor) -> torch.Tensor:
         return codebook.reshape(-1)[self.index.long() + self.offset]

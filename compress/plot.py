@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._atomic import atomic_outputs
-from ._units import format_iec
-from .audit import AuditReport, TensorAudit
+from .atomic import atomic_outputs
+from .auditing import AuditReport, TensorAudit
 from .errors import BadInputError, CompressError
+from .units import format_iec
 from .kmeans import kmeans_1d
 
 _BINS = 160

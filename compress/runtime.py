@@ -22,12 +22,13 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import BadInputError, CompressError
+from .records import Record
 
 # Constant folding is what expands Cast -> Gather into dense weights at load; the other optimizers stay on
 # (turning them all off, ORT_DISABLE_ALL, measured the same memory and latency).
@@ -78,7 +79,7 @@ def make_session(path: str | Path, provider: str = "cpu", keep_compressed: bool 
     """
     import onnxruntime as ort
 
-    from .export._onnxfile import read_onnx
+    from .io import read_onnx
 
     path = Path(path)
     name = resolve_provider(provider)
@@ -122,7 +123,7 @@ def _as_array(x) -> np.ndarray:
 # --- measuring in a fresh process ---------------------------------------------------------------
 
 @dataclass
-class RuntimeStats:
+class RuntimeStats(Record):
     """Load time, median latency and resident memory of one session mode (measured in a subprocess)."""
 
     mode: str  # "default" | "keep_compressed"
@@ -133,12 +134,7 @@ class RuntimeStats:
     peak_mb: float  # the most it added at any moment (load, folding, a run's decode)
     runs: int
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> RuntimeStats:
-        return cls(**d)
+    _what = "runtime stats"
 
 
 def measure(path: str | Path, inputs, *, provider: str = "cpu", keep_compressed: bool = False,

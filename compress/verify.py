@@ -13,24 +13,23 @@ fresh process. `verify_safetensors` loads a safetensors export and compares it b
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from .errors import BadInputError
-from .export._recover import codebooks_from_state_dict, storage_names
-from .export._torch import as_args, run
+from .errors import BadInputError, Option
+from .execution import as_args, run
+from .records import Record
 from .runtime import RuntimeStats, feed, make_session, measure
+from .state import effective_tensors
 
 RESULT_VERSION = 1
 
 
 @dataclass
-class OutputCheck:
+class OutputCheck(Record):
     """One output (or one tensor, for safetensors): shapes, largest difference, and the verdict."""
 
     name: str
@@ -53,7 +52,7 @@ class OutputCheck:
 
 
 @dataclass
-class OriginalComparison:
+class OriginalComparison(Record):
     """How far the compressed model's output is from the original (unmerged) model's."""
 
     name: str
@@ -63,7 +62,7 @@ class OriginalComparison:
 
 
 @dataclass
-class VerifyResult:
+class VerifyResult(Record):
     """Outcome of `verify` / `verify_safetensors`; `passed` is True when every check is within tolerance."""
 
     path: str
@@ -76,6 +75,10 @@ class VerifyResult:
     notes: list[str] = field(default_factory=list)
     version: int = RESULT_VERSION
 
+    _what = "verify result"
+    _version_required = True
+    _derived = ("passed",)
+
     @property
     def passed(self) -> bool:
         return bool(self.checks) and all(c.ok for c in self.checks)
@@ -83,21 +86,6 @@ class VerifyResult:
     def lines(self) -> list[str]:
         """One line per output: ✓/✗, shapes, max diff and tolerance."""
         return [c.line() for c in self.checks]
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["passed"] = self.passed
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> VerifyResult:
-        if d.get("version") != RESULT_VERSION:
-            raise BadInputError(f"verify result version {d.get('version')!r} is not {RESULT_VERSION}")
-        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        kw["checks"] = [OutputCheck(**c) for c in d.get("checks", [])]
-        kw["original"] = [OriginalComparison(**c) for c in d.get("original", [])]
-        kw["runtime"] = [RuntimeStats.from_dict(r) for r in d.get("runtime", [])]
-        return cls(**kw)
 
     def to_table(self, checks: bool = True):
         """rich Tables: the checks (unless `checks=False`), the comparison with the original, the runtime."""
@@ -157,7 +145,7 @@ def verify(onnx_path: str | Path, reference, inputs, *, provider: str = "cpu", a
     want = [t.detach().cpu().numpy() for t in run(reference, inputs)]
     if len(want) != len(got):
         raise BadInputError(f"{onnx_path}: the ONNX model has {len(got)} outputs, the reference model "
-                            f"{len(want)}; is --reference the model this file was exported from?")
+                            f"{len(want)}; is ", Option("reference"), " the model this file was exported from?")
     batch = int(next(iter(fed.values())).shape[0]) if fed and next(iter(fed.values())).ndim else 1
     result = VerifyResult(str(onnx_path), session.get_providers()[0],
                           "keep_compressed" if keep_compressed else "default", batch)
@@ -180,9 +168,9 @@ def verify_safetensors(path: str | Path, reference_state_dict) -> VerifyResult:
     >>> verify_safetensors("out/model.safetensors", merged_model).passed
     True
     """
-    from .export.safetensors import load_safetensors
+    from .io import load_codebook_safetensors
 
-    loaded = load_safetensors(path)
+    loaded = load_codebook_safetensors(path)
     reference = effective_tensors(reference_state_dict)
     result = VerifyResult(str(path), "", "bit-exact", 0)
     for name, ref in reference.items():
@@ -197,23 +185,6 @@ def verify_safetensors(path: str | Path, reference_state_dict) -> VerifyResult:
     if extra:
         result.notes.append(f"in the file but not in the reference: {', '.join(extra)}")
     return result
-
-
-def effective_tensors(model_or_state) -> dict[str, torch.Tensor]:
-    """Parameter name -> the value the model computes with (codebook storage decoded)."""
-    if isinstance(model_or_state, torch.export.ExportedProgram):
-        model_or_state = model_or_state.state_dict
-    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else dict(model_or_state)
-    if not isinstance(state, Mapping):
-        raise BadInputError(f"expected a model or a state_dict, got {type(model_or_state).__name__}")
-    cbs = codebooks_from_state_dict(model_or_state if isinstance(model_or_state, nn.Module) else state)
-    storage = {s for name in list(cbs.tensors) + list(cbs.aliases) for s in storage_names(name)}
-    out = {n: t.detach() for n, t in state.items() if n not in storage and not n.endswith(".0.offset")}
-    out.update({n: cb.decode() for n, cb in cbs.tensors.items()})
-    for alias in cbs.aliases.values():
-        if alias.target in out and alias.name not in out:
-            out[alias.name] = out[alias.target].t() if alias.transpose else out[alias.target]
-    return out
 
 
 # --- comparisons --------------------------------------------------------------------------------
@@ -238,7 +209,7 @@ def _against_original(name: str, got: np.ndarray, base: np.ndarray, classes: int
     g, b = got.astype(np.float64), base.astype(np.float64)
     if g.shape != b.shape:
         raise BadInputError(f"output `{name}` has shape {list(g.shape)}, the original model's {list(b.shape)}; "
-                            f"is --original the model this one was compressed from?")
+                            "is ", Option("original"), " the model this one was compressed from?")
     rows_g, rows_b = g.reshape(max(len(g), 1) if g.ndim else 1, -1), b.reshape(max(len(b), 1) if b.ndim else 1, -1)
     norms = np.linalg.norm(rows_g, axis=1) * np.linalg.norm(rows_b, axis=1)
     cos = np.where(norms > 0, (rows_g * rows_b).sum(1) / np.where(norms > 0, norms, 1), 1.0)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress._atomic import write_bytes_atomic, write_text_atomic
+from compress.atomic import write_bytes_atomic, write_text_atomic
 
 SAMPLES = Path(__file__).resolve().parent
 DATA_FILE = SAMPLES / "digits_data.pt"

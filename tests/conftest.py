@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.helpers import ROOT, SAMPLES
 
-ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
 
 # The models under test are tiny: one thread is 10-25x faster than torch's default on a shared

@@ -5,11 +5,12 @@ import compress.export
 
 PUBLIC = [
     "Alias", "AuditConfig", "AuditReport", "BadInputError", "Codebooks", "CompressError", "DataSplits",
-    "ExportOptions", "ExportReport", "FinetuneConfig", "FinetuneResult", "Loaded", "SoftTie", "StreamResult",
-    "TensorCodebook", "TensorTie", "TieConfig", "TiePlan", "TieResult", "UnsafePickleError",
-    "UnsupportedModelError", "VerificationError", "VerifyResult", "analyze", "audit",
-    "codebooks_from_state_dict", "export_onnx", "export_safetensors", "find_tensor_ties", "finetune_", "load",
-    "load_data", "load_safetensors", "make_session", "merge_", "tie_checkpoint", "tie_onnx", "verify_safetensors",
+    "ExportOptions", "ExportReport", "FinetuneConfig", "FinetuneResult", "Granularity", "Loaded", "Option",
+    "SoftTie", "StreamResult", "TensorCodebook", "TensorTie", "TieConfig", "TiePlan", "TieReport", "TieResult",
+    "UnsafePickleError", "UnsupportedModelError", "VerificationError", "VerifyResult", "analyze", "audit",
+    "cluster_tensor", "codebooks_from_state_dict", "decide", "estimate_importance", "export_onnx",
+    "export_safetensors", "find_tensor_ties", "finetune_", "load", "load_data", "load_safetensors",
+    "make_session", "merge_", "tie", "tie_checkpoint", "tie_file", "tie_onnx", "verify_safetensors",
 ]
 
 
@@ -34,5 +35,5 @@ def test_import_compress_does_not_load_onnx_or_onnxruntime():
 def test_export_package_surface():
     assert sorted(compress.export.__all__) == sorted([
         "ExportReport", "TensorEntry", "codebooks_from_state_dict", "export_onnx", "export_safetensors",
-        "load_safetensors", "tie_onnx",
+        "load_safetensors", "rewrite_onnx",
     ])

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from compress._atomic import TMP_PREFIX, atomic_outputs, write_bytes_atomic
+from compress.atomic import TMP_PREFIX, atomic_outputs, write_bytes_atomic
 from compress.errors import BadInputError
 
 
@@ -38,7 +38,7 @@ def test_failure_leaves_old_outputs_intact_and_no_temporaries(tmp_path):
 def test_existing_output_needs_force(tmp_path):
     a = tmp_path / "out.bin"
     a.write_bytes(b"old")
-    with pytest.raises(BadInputError, match=r"out\.bin already exists; pass --force"):
+    with pytest.raises(BadInputError, match=r"out\.bin already exists; pass force=True"):
         write_bytes_atomic(a, b"new")
     write_bytes_atomic(a, b"new", force=True)
     assert a.read_bytes() == b"new"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.helpers import SAMPLES
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 CLASSIFIERS = ["digits_mlp", "digits_cnn", "digits_gru"]
 ALL = CLASSIFIERS + ["digits_autoencoder"]
 DATA_KEYS = {"version", "calib_inputs", "calib_targets", "test_inputs", "test_targets"}

@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from _export_fixtures import MLP, merged, quantize_
+from tests.helpers.export_models import MLP, merged, quantize_
 from click.testing import CliRunner
 
 from cli.main import cli
@@ -201,8 +201,8 @@ def test_sample_model_through_merge_export_and_verify(samples_dir, tmp_path):
     if not sample.exists() or not data.exists():
         pytest.skip(f"{sample.name} / {data.name} not built (python samples/train.py)")
     from compress.io import load, load_data
-    from compress.merge import merge_
-    from compress.plan import TieConfig, analyze
+    from compress.tying import merge_
+    from compress.tying import TieConfig, analyze
 
     original, loaded = load(sample).module, load(sample)
     cbs = merge_(loaded.module, analyze(loaded.module, TieConfig(bits=4)))

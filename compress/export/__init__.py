@@ -1,9 +1,18 @@
-"""Exporters: ONNX and safetensors files that store each merged tensor as codebook + indices."""
+"""Exporters: ONNX and safetensors files that store each merged tensor as codebook + indices.
 
-from ._recover import codebooks_from_state_dict
-from ._report import ExportReport, TensorEntry
-from .onnx import export_onnx, tie_onnx
-from .safetensors import export_safetensors, load_safetensors
+- `export_onnx`: a merged PyTorch model to ONNX, decode in-graph (`Cast -> Gather`);
+- `rewrite_onnx`: an existing ONNX graph whose initializers were clustered;
+- `export_safetensors`: codebooks + packed indices, the recipe in the metadata;
+- `sharded.ShardWriter`: the same format, sharded and streamed (for checkpoints bigger than memory).
+
+The files are read back by `compress.io` (`load_codebook_safetensors`, `read_onnx`).
+"""
+
+from ..io import load_codebook_safetensors as load_safetensors
+from ..state import codebooks_from_state_dict
+from .onnx import export_onnx, rewrite_onnx
+from .report import ExportReport, TensorEntry
+from .safetensors import export_safetensors
 
 __all__ = [
     "ExportReport",
@@ -12,5 +21,5 @@ __all__ = [
     "export_onnx",
     "export_safetensors",
     "load_safetensors",
-    "tie_onnx",
+    "rewrite_onnx",
 ]

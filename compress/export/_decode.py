@@ -27,7 +27,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ..codebook import TensorCodebook
-from ._pack import pack_bits, packed_size
+from ..packing import pack_bits, packed_size
 
 _NATIVE = ((2, TensorProto.UINT2, "UINT2"), (4, TensorProto.UINT4, "UINT4"), (8, TensorProto.UINT8, "UINT8"),
            (16, TensorProto.UINT16, "UINT16"), (32, TensorProto.INT32, "INT32"))

@@ -8,17 +8,15 @@ an index initializer in the narrowest type (see `_decode.py`) and the decode
 transposed) and identical initializers are deduplicated by content. A merged weight that cannot be
 located stays dense and the report says which.
 
-`tie_onnx` does the same for an existing ONNX file without the PyTorch model: it clusters the float
-weights of MatMul/Gemm/Conv/Gather with 1D k-means and writes the codebook form.
+`rewrite_onnx` writes the codebook form of an existing ONNX graph whose initializers were clustered
+without the PyTorch model (`compress.pipeline.tie_onnx`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
 import logging
-import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,13 +25,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 from torch import nn
 
-from .._atomic import atomic_outputs, check_output
-from ..codebook import Codebooks, TensorCodebook, groups_for
+from ..atomic import atomic_outputs, check_output
+from ..codebook import Codebooks, TensorCodebook
 from ..errors import BadInputError, UnsupportedModelError
-from . import _graph
+from ..execution import as_args, eval_mode
+from ..packing import packed_size
+from ..state import storage_names
+from . import graph as _graph
 from ._decode import (
     CODEBOOK_DTYPES,
     MIN_OPSET,
@@ -45,16 +46,10 @@ from ._decode import (
     onnx_float_type,
     packed_overhead,
 )
-from ._onnxfile import read_onnx
-from ._pack import packed_size
-from ._recover import storage_names
-from ._report import ExportReport, TensorEntry
-from ._torch import as_args, eval_mode
+from .report import ExportReport, TensorEntry
 
 EXTERNAL_THRESHOLD = 1_800_000_000  # protobuf cannot hold 2 GiB: larger models use external data
-TIE_MIN_ELEMENTS = 1024
-_WEIGHT_SLOTS = {"MatMul": (0, 1), "Gemm": (0, 1), "Conv": (1,), "Gather": (0,)}
-_FLOAT_TYPES = {TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16,
+FLOAT_TYPES = {TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16,
                 TensorProto.DOUBLE: torch.float64, TensorProto.BFLOAT16: torch.bfloat16}
 
 
@@ -93,37 +88,24 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram, codebooks: Code
     return job.write(path, dedup=dedup, force=force, external_data=external_data)
 
 
-def tie_onnx(onnx_in: str | Path, onnx_out: str | Path, *, bits: int, granularity: str = "tensor",
-             group_size: int | None = None, exclude: Sequence[str] = (), force: bool = False) -> ExportReport:
-    """Cluster an ONNX model's weights into codebooks (post-training, no PyTorch model needed).
+def rewrite_onnx(proto: onnx.ModelProto, codebooks: Codebooks, path: str | Path, *,
+                 skipped: Sequence[TensorEntry] = (), force: bool = False, inputs: Sequence[Path] = ()
+                 ) -> ExportReport:
+    """Write `proto` with each initializer named in `codebooks` stored as its codebook + indices.
 
-    Float initializers with >= 1,024 elements that feed a MatMul, Gemm, Conv or Gather are clustered
-    per tensor, per channel (dimension 0) or per group of channels with 1D k-means into 2**bits
-    values; others stay dense and the report lists them with the reason.
-
-    >>> report = tie_onnx("model.onnx", "model.tied.onnx", bits=4)
-    >>> report.ratio_to_dense
-    0.13
+    For an ONNX model without its PyTorch source (`compress.pipeline.tie_onnx`): the initializer
+    keeps its name as the output of its decode; the model's opset is raised when sub-byte index
+    types need it (or the indices fall back to UINT8, with a note). `skipped` lists tensors left
+    dense on purpose, with the reason, for the report.
     """
-    from ..kmeans import kmeans_1d
-
-    onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
-    if not 1 <= bits <= 16:
-        raise BadInputError(f"--bits must be between 1 and 16, got {bits}")
-    check_output(onnx_out, force=force, inputs=[onnx_in])
-    proto = read_onnx(onnx_in)
-    chosen, skipped = _tie_candidates(proto, exclude)
-    cbs = Codebooks()
-    for init in chosen:
-        groups = groups_for(tuple(init.dims), granularity, group_size)
-        cbs.tensors[init.name] = _cluster(init, 1 << bits, granularity, group_size, groups, kmeans_1d)
-    layouts = {n: choose_layout(cb, packed_overhead(cb)) for n, cb in cbs.tensors.items()}
+    _check_codebooks(codebooks)
+    layouts = {n: choose_layout(cb, packed_overhead(cb)) for n, cb in codebooks.tensors.items()}
     needed = max([MIN_OPSET.get(lay.onnx_type, 0) for lay in layouts.values()], default=0)
     notes = _raise_opset(proto, needed, layouts)
-    job = _Job(proto, cbs, layouts, None, {}, notes)
-    job.uses = {n: [_Use(n, "same")] for n in cbs.tensors}
-    job.skipped = skipped
-    return job.write(onnx_out, dedup=True, force=force, external_data=None, inputs=[onnx_in])
+    job = _Job(proto, codebooks, layouts, None, {}, notes)
+    job.uses = {n: [_Use(n, "same")] for n in codebooks.tensors}
+    job.skipped = list(skipped)
+    return job.write(Path(path), dedup=True, force=force, external_data=None, inputs=inputs)
 
 
 # --- the export -----------------------------------------------------------------------------------
@@ -309,7 +291,7 @@ class _Job:
         by_origin = self._origins()
         by_origin.update({e.name: e.note for e in self.skipped})
         for t in g.initializer:
-            if t.name in accounted or (t.data_type not in _FLOAT_TYPES and sizes[t.name] < 1024):
+            if t.name in accounted or (t.data_type not in FLOAT_TYPES and sizes[t.name] < 1024):
                 continue
             note = by_origin.get(t.name, "")
             report.tensors.append(TensorEntry(t.name, list(t.dims), "dense", sizes[t.name], sizes[t.name], note=note))
@@ -370,7 +352,7 @@ class _ValueIndex:
     def __init__(self, graph: onnx.GraphProto):
         self.by_key: dict[tuple, list[TensorProto]] = {}
         for t in graph.initializer:
-            if t.data_type in _FLOAT_TYPES and t.data_location != TensorProto.EXTERNAL:
+            if t.data_type in FLOAT_TYPES and t.data_location != TensorProto.EXTERNAL:
                 data = _graph.tensor_bytes(t)
                 self.by_key.setdefault((t.data_type, hashlib.sha256(data).digest()), []).append(t)
 
@@ -430,66 +412,6 @@ def _check(proto: onnx.ModelProto, path: Path) -> None:
         first = str(e).strip().splitlines()[0]
         raise UnsupportedModelError(f"{path}: the rewritten graph fails onnx.checker ({first}); "
                                     f"nothing was written; please report this model") from e
-
-
-# --- tie_onnx --------------------------------------------------------------------------------------
-
-def _tie_candidates(proto: onnx.ModelProto, exclude: Sequence[str]) -> tuple[list[TensorProto], list[TensorEntry]]:
-    g = proto.graph
-    weights = {}
-    for node in _graph.all_nodes(g):
-        for slot in _WEIGHT_SLOTS.get(node.op_type, ()):
-            if slot < len(node.input):
-                weights.setdefault(node.input[slot], node.op_type)
-    chosen, skipped = [], []
-    for t in g.initializer:
-        reason = None
-        if t.data_type not in _FLOAT_TYPES:
-            reason = "not a float tensor"
-        elif any(fnmatch.fnmatchcase(t.name, pat) for pat in exclude):
-            reason = "excluded"
-        elif _graph.numel(t) < TIE_MIN_ELEMENTS:
-            reason = f"fewer than {TIE_MIN_ELEMENTS:,} elements"
-        elif t.name not in weights:
-            reason = "not a MatMul/Gemm/Conv/Gather weight"
-        if reason is None:
-            chosen.append(t)
-        elif t.data_type in _FLOAT_TYPES:
-            size = _graph.data_size(t)
-            skipped.append(TensorEntry(t.name, list(t.dims), "dense", size, size, note=f"left dense: {reason}"))
-    return chosen, skipped
-
-
-def _cluster(init: TensorProto, k: int, granularity: str, group_size: int | None, groups: int,
-             kmeans_1d) -> TensorCodebook:
-    values = numpy_helper.to_array(init)
-    dtype = _FLOAT_TYPES[init.data_type]
-    if not np.isfinite(values).all():
-        raise BadInputError(f"`{init.name}` has {int((~np.isfinite(values)).sum())} NaN/inf values; clean the "
-                            f"model or pass --exclude '{init.name}'")
-    shape = tuple(int(d) for d in init.dims)
-    size = math.ceil(shape[0] / groups) if groups > 1 else None
-    flat = values.reshape(shape[0], -1) if groups > 1 else values.reshape(1, -1)
-    codebook = np.zeros((groups, k))
-    labels = np.zeros(flat.shape, dtype=np.int64)
-    for gi in range(groups):
-        sl = slice(gi * size, (gi + 1) * size) if size else slice(None)
-        result = kmeans_1d(flat[sl].astype(np.float64), k)
-        centers = np.asarray(result.centers, dtype=np.float64)
-        codebook[gi, : len(centers)] = centers
-        codebook[gi, len(centers):] = centers[-1] if len(centers) else 0.0
-        labels[sl] = np.asarray(result.labels).reshape(flat[sl].shape)
-    gran = granularity if groups > 1 else "tensor"
-    kk = _fit_k(codebook)
-    cb = torch.from_numpy(codebook[:, :kk]).to(dtype)
-    idx = torch.from_numpy(labels.reshape(shape)).to(torch.uint8 if kk <= 256 else torch.int32)
-    return TensorCodebook(init.name, shape, gran, cb, idx, group_size if gran == "group" else None)
-
-
-def _fit_k(codebook: np.ndarray) -> int:
-    # Rows padded with repeats of their last centre need only as many columns as the fullest row uses.
-    used = [len(np.unique(row)) for row in codebook]
-    return max(used + [1])
 
 
 def _raise_opset(proto: onnx.ModelProto, needed: int, layouts: dict[str, IndexLayout]) -> list[str]:

@@ -1,6 +1,7 @@
 """safetensors export: codebooks and densely packed indices as tensors, the recipe in the metadata.
 
-File layout (any safetensors reader can open it; `load_safetensors` rebuilds the dense tensors):
+File layout (any safetensors reader can open it; `compress.io.load_codebook_safetensors` rebuilds
+the dense tensors):
 
 - `<name>.codebook`: the codebook [groups, K] in the weight's dtype;
 - `<name>.indices`: uint8 [ceil(n * bits / 8)], the indices packed densely, "lsb0" order (element
@@ -15,23 +16,18 @@ File layout (any safetensors reader can open it; `load_safetensors` rebuilds the
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from .._atomic import atomic_outputs
-from ..codebook import Codebooks, TensorCodebook, row_offsets
+from ..atomic import atomic_outputs
+from ..codebook import FILE_FORMAT, FILE_FORMAT_VERSION, Codebooks, TensorCodebook
 from ..errors import BadInputError
-from ._pack import PACKING, pack_bits, packed_size, unpack_bits
-from ._recover import storage_names
-from ._report import ExportReport, TensorEntry
-
-FORMAT = "codebook"
-FORMAT_VERSION = 1
+from ..packing import PACKING, pack_bits, packed_size
+from ..state import storage_names
+from .report import ExportReport, TensorEntry
 
 
 def export_safetensors(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], codebooks: Codebooks,
@@ -44,8 +40,10 @@ def export_safetensors(model_or_state_dict: nn.Module | Mapping[str, torch.Tenso
         path: the `.safetensors` file to write.
         force: overwrite an existing file.
 
-    >>> report = export_safetensors(model, codebooks, "out/model.safetensors")
-    >>> tensors = load_safetensors("out/model.safetensors")   # dense, exactly the merged values
+    Example::
+
+        report = export_safetensors(model, codebooks, "out/model.safetensors")
+        tensors = compress.io.load_codebook_safetensors("out/model.safetensors")   # dense, the merged values
     """
     from safetensors.torch import save_file
 
@@ -62,7 +60,7 @@ def export_safetensors(model_or_state_dict: nn.Module | Mapping[str, torch.Tenso
     skip |= {s for name in aliases for s in storage_names(name)} | set(aliases)
     entries += _put_dense(state, skip, tensors, notes)
     entries += [TensorEntry(a, [], "alias", 0, 0, note=_alias_note(d)) for a, d in aliases.items()]
-    metadata = {"compress.format": FORMAT, "compress.format_version": str(FORMAT_VERSION),
+    metadata = {"compress.format": FILE_FORMAT, "compress.format_version": str(FILE_FORMAT_VERSION),
                 "compress.tensors": json.dumps(meta_tensors, sort_keys=True),
                 "compress.aliases": json.dumps(aliases, sort_keys=True)}
     _check_names(tensors, path)
@@ -74,36 +72,6 @@ def export_safetensors(model_or_state_dict: nn.Module | Mapping[str, torch.Tenso
     dense = sum(e.actual_bytes for e in entries if e.storage == "dense")
     return ExportReport("safetensors", str(path), size, size - data, size - data + dense + merged_dense,
                         entries, files=[str(path)], notes=notes)
-
-
-def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a file written by `export_safetensors`, dense and exactly the merged values.
-
-    Aliases are re-tied: an alias is the same tensor object as its target (or a transposed view).
-
-    >>> tensors = load_safetensors("out/model.safetensors")
-    >>> model.load_state_dict(tensors, strict=False)
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"{path}: no such file")
-    try:
-        handle = safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors raises SafetensorError for a bad header
-        raise BadInputError(f"{path}: not a readable safetensors file ({e})") from e
-    with handle as f:
-        meta = f.metadata() or {}
-        recipes, aliases = _read_metadata(meta, path)
-        used = {r["codebook"] for r in recipes.values()} | {r["indices"] for r in recipes.values()}
-        names = f.keys()
-        out = {name: f.get_tensor(name) for name in names if name not in used}
-        for name, recipe in recipes.items():
-            out[name] = _decode(name, recipe, f.get_tensor(recipe["codebook"]), f.get_tensor(recipe["indices"]),
-                                path)
-    _retie(out, aliases, path)
-    return out
 
 
 # --- writing --------------------------------------------------------------------------------------
@@ -194,47 +162,3 @@ def _check_names(tensors: dict, path: Path) -> None:
     clash = [n for n in tensors if n.endswith((".codebook", ".indices")) and n.rsplit(".", 1)[0] in tensors]
     if clash:
         raise BadInputError(f"{path}: tensor names {clash} clash with codebook storage names; rename them")
-
-
-# --- reading --------------------------------------------------------------------------------------
-
-def _read_metadata(meta: dict[str, str], path: Path) -> tuple[dict[str, dict], dict[str, dict]]:
-    if meta.get("compress.format") != FORMAT:
-        raise BadInputError(f"{path}: no codebook metadata; the file was not written by `compress export "
-                            f"--safetensors` (open it with safetensors.safe_open instead)")
-    if meta.get("compress.format_version") != str(FORMAT_VERSION):
-        raise BadInputError(f"{path}: codebook format version {meta.get('compress.format_version')!r} is not "
-                            f"supported (this is version {FORMAT_VERSION}); re-export the model")
-    try:
-        return json.loads(meta["compress.tensors"]), json.loads(meta.get("compress.aliases", "{}"))
-    except (KeyError, json.JSONDecodeError) as e:
-        raise BadInputError(f"{path}: corrupt codebook metadata ({e}); re-export the model") from e
-
-
-def _decode(name: str, recipe: dict, codebook: torch.Tensor, packed: torch.Tensor, path: Path) -> torch.Tensor:
-    shape = tuple(int(s) for s in recipe["shape"])
-    bits, n = int(recipe["bits"]), math.prod(shape)
-    if recipe.get("packing") != PACKING:
-        raise BadInputError(f"{path}: `{name}` uses packing {recipe.get('packing')!r}, not {PACKING!r}")
-    if packed.dtype != torch.uint8 or packed.numel() != packed_size(n, bits):
-        raise BadInputError(f"{path}: `{name}` needs {packed_size(n, bits)} packed index bytes, the file has "
-                            f"{packed.numel()} ({packed.dtype}); the file is corrupt")
-    k = codebook.shape[-1]
-    indices = torch.from_numpy(unpack_bits(packed.numpy(), bits, n).astype(np.int64)).reshape(shape)
-    if n and int(indices.max()) >= k:
-        raise BadInputError(f"{path}: `{name}` has index {int(indices.max())} for a codebook of {k} values; "
-                            f"the file is corrupt")
-    offsets = row_offsets(shape, recipe["granularity"], recipe.get("group_size"), k)
-    return codebook.reshape(-1)[(indices + offsets).reshape(-1)].reshape(shape)
-
-
-def _retie(out: dict[str, torch.Tensor], aliases: dict[str, dict], path: Path) -> None:
-    pending = dict(aliases)
-    while pending:
-        ready = [n for n, a in pending.items() if a["target"] in out]
-        if not ready:
-            raise BadInputError(f"{path}: aliases {sorted(pending)} point to tensors the file does not hold")
-        for name in ready:
-            a = pending.pop(name)
-            target = out[a["target"]]
-            out[name] = target.t() if a["transpose"] else target

@@ -1,0 +1,96 @@
+"""`ExportReport`: what an exporter wrote, tensor by tensor, against the ideal size (the bound).
+
+The bound of a merged tensor is `ceil(n * bits / 8)` bytes of indices plus its codebook bytes; the
+bound of the file adds every dense tensor (each once) and the graph. The difference between the
+file and the bound is what storage choices cost: a sub-byte width ONNX has no type for stored in
+the next type up, padding, the constants of an in-graph unpack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..records import Record
+
+REPORT_VERSION = 1
+
+
+@dataclass
+class TensorEntry(Record):
+    """One tensor of the exported file."""
+
+    name: str
+    shape: list[int]
+    storage: str  # "codebook" | "dense" | "alias"
+    actual_bytes: int  # data bytes this tensor adds to the file
+    bound_bytes: int  # the ideal: packed indices + codebook (dense: its data)
+    index_type: str | None = None  # "UINT4", "UINT8", "packed3", "U8 packed3" ...
+    bits: int | None = None
+    k: int | None = None
+    granularity: str | None = None
+    stored_as: list[str] = field(default_factory=list)  # names in the file (initializers / tensors)
+    note: str = ""
+
+    _what = "export tensor"
+
+
+@dataclass
+class ExportReport(Record):
+    """Result of `export_onnx` / `export_safetensors` / `tie_onnx`: sizes, storage per tensor, notes."""
+
+    format: str  # "onnx" | "safetensors"
+    path: str
+    file_bytes: int  # every file written (model + external data)
+    graph_bytes: int  # everything that is not tensor data
+    dense_reference_bytes: int  # the same model with every merged tensor dense (before the rewrite)
+    tensors: list[TensorEntry] = field(default_factory=list)
+    dedup_count: int = 0
+    dedup_saved_bytes: int = 0
+    files: list[str] = field(default_factory=list)
+    opset: int | None = None
+    notes: list[str] = field(default_factory=list)
+    version: int = REPORT_VERSION
+
+    _what = "export report"
+    _version_required = True
+    _derived = ("bound_bytes",)
+
+    @property
+    def bound_bytes(self) -> int:
+        return sum(t.bound_bytes for t in self.tensors) + self.graph_bytes
+
+    @property
+    def ratio_to_bound(self) -> float:
+        return self.file_bytes / max(self.bound_bytes, 1)
+
+    @property
+    def ratio_to_dense(self) -> float:
+        return self.file_bytes / max(self.dense_reference_bytes, 1)
+
+    def entry(self, name: str) -> TensorEntry:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def left_dense(self) -> list[TensorEntry]:
+        """Dense tensors with a note saying why (merged weights that could not be located, ...)."""
+        return [t for t in self.tensors if t.storage == "dense" and t.note]
+
+    def to_table(self):
+        """A rich Table: one row per tensor, then the totals."""
+        from rich.table import Table
+
+        table = Table(title=f"{self.path} ({self.format})")
+        for col in ("tensor", "shape", "storage", "index", "bytes", "bound", "note"):
+            table.add_column(col, justify="right" if col in ("bytes", "bound") else "left")
+        for t in self.tensors:
+            index = f"{t.index_type} (K={t.k})" if t.index_type else ""
+            table.add_row(t.name, "x".join(map(str, t.shape)) or "scalar", t.storage, index,
+                          f"{t.actual_bytes:,}", f"{t.bound_bytes:,}", t.note)
+        table.add_row("graph", "", "", "", f"{self.graph_bytes:,}", f"{self.graph_bytes:,}", "")
+        table.add_row("total", "", "", "", f"{self.file_bytes:,}", f"{self.bound_bytes:,}",
+                      f"{self.ratio_to_bound:.3f}x bound, {self.ratio_to_dense:.3f}x dense", style="bold")
+        if self.dedup_count:
+            table.caption = f"deduplicated {self.dedup_count} tensors, saved {self.dedup_saved_bytes:,} bytes"
+        return table

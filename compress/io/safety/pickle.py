@@ -1,0 +1,167 @@
+"""Pickles are read only by torch's weights-only unpickler unless the user trusts the file.
+
+A refused pickle becomes an `UnsafePickleError` that names the file, the archive entry and the
+globals the pickle wanted (found by reading its opcodes, never by running it), and tells the user
+about trusting the file (`trust_pickle`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import pickle
+import pickletools
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...errors import TRUST, BadInputError, Option, UnsafePickleError
+from .._errors import library_call, short
+
+TRUST_HINT = ("pass ", TRUST, " only for files you trust")
+_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
+               "BINUNICODE8"}
+_MAX_SCAN = 64 << 20
+
+
+def refusal(where: str, detail: str, hint: tuple[str | Option, ...] = TRUST_HINT) -> UnsafePickleError:
+    """The error for a pickle we will not run: `where` names the file (and entry)."""
+    return UnsafePickleError(f"{where}: refused to unpickle ({detail}): a pickle runs code from the file; ",
+                             *hint)
+
+
+def pickle_globals(data: bytes) -> list[str]:
+    """Globals a pickle imports (`GLOBAL`, `INST`, `STACK_GLOBAL`), read from its opcodes without running it.
+
+    >>> pickle_globals(pickle.dumps(len))
+    ['builtins.len']
+    """
+    found: list[str] = []
+    strings: list[str] = []
+    memo: dict[int, str | None] = {}
+    top: str | None = None
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(data[:_MAX_SCAN])):
+            name = op.name
+            if name in ("GLOBAL", "INST"):
+                found.append(str(arg).replace(" ", "."))
+            elif name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            if name in _STRING_OPS and isinstance(arg, str):
+                strings.append(arg)
+            elif name in ("BINGET", "LONG_BINGET", "GET") and memo.get(arg):
+                strings.append(memo[arg])  # type: ignore[arg-type]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = top
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = top
+            top = arg if name in _STRING_OPS and isinstance(arg, str) else None
+            if name == "STOP":
+                break
+    except (ValueError, EOFError, KeyError, pickle.UnpicklingError, UnicodeDecodeError):
+        pass  # a damaged tail: report what was readable
+    return found
+
+
+def disallowed_globals(data: bytes) -> list[str]:
+    """The globals of `data` that torch's weights-only unpickler would refuse, in order, once each."""
+    allowed = _allowed_globals()
+    out: list[str] = []
+    for g in pickle_globals(data):
+        if g not in allowed and g not in out:
+            out.append(g)
+    return out
+
+
+def weights_only_load(source: bytes | Path, where: str, *, pickle_bytes: bytes | None = None,
+                      mmap: bool = False, hint: tuple[str | Option, ...] = TRUST_HINT) -> Any:
+    """`torch.load(weights_only=True)`; a refused pickle raises UnsafePickleError naming `where`.
+
+    `pickle_bytes` is the raw pickle (for a zip, its `data.pkl`) used only to name what it needs.
+    `mmap` memory-maps a zip-format file instead of reading it.
+    """
+    if isinstance(source, bytes):
+        pickle_bytes = source if pickle_bytes is None else pickle_bytes
+    try:
+        with _torch_source(source, mmap) as (src, use_mmap), warnings.catch_warnings(), \
+                library_call(where, "reading the pickle"):
+            warnings.simplefilter("ignore")  # protocol 4/5 and legacy-format chatter
+            return torch.load(src, weights_only=True, map_location="cpu", mmap=use_mmap)
+    except BadInputError as e:
+        cause = e.__cause__
+        if isinstance(cause, pickle.UnpicklingError) and "weights only load failed" in str(cause).lower():
+            if pickle_bytes is not None and not _parses(pickle_bytes):
+                raise BadInputError(f"{where}: not a valid pickle, the file is truncated or "
+                                    "corrupt") from cause
+            raise refusal(where, _needs(cause, pickle_bytes), hint) from cause
+        raise
+
+
+def trusted_load(source: Path, where: str) -> Any:
+    """`torch.load(weights_only=False)`: only after the user passed trust_pickle=True."""
+    with _torch_source(source, False) as (src, _), warnings.catch_warnings(), \
+            library_call(where, "unpickling (trusted)"):
+        warnings.simplefilter("ignore")
+        return torch.load(src, weights_only=False, map_location="cpu")
+
+
+@contextlib.contextmanager
+def _torch_source(source: bytes | Path, mmap: bool) -> Iterator[tuple[Any, bool]]:
+    """What to hand torch.load: a path only for mmap, since torch.load sends any path ending in
+    `.safetensors` to the safetensors reader whatever the content; otherwise an open file."""
+    if isinstance(source, bytes):
+        yield io.BytesIO(source), False
+    elif mmap and not str(source).endswith(".safetensors"):
+        yield str(source), True
+    else:
+        with open(source, "rb") as f:
+            yield f, False
+
+
+def _parses(data: bytes) -> bool:
+    """Whether the first pickle in `data` is a well-formed opcode stream (garbage is corrupt, not unsafe)."""
+    try:
+        for op, _, _ in pickletools.genops(io.BytesIO(data[:_MAX_SCAN])):
+            if op.name == "STOP":
+                return True
+    except (ValueError, EOFError, KeyError, pickle.UnpicklingError, UnicodeDecodeError):
+        return False
+    return len(data) >= _MAX_SCAN  # cut by the scan window, not by the file
+
+
+def _needs(e: BaseException, pickle_bytes: bytes | None) -> str:
+    names = [repr(n)[1:-1][:80] for n in disallowed_globals(pickle_bytes)] if pickle_bytes else []
+    if names:
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        return "it needs " + ", ".join(names[:3]) + more
+    m = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if m:
+        return f"it needs {m.group(1)}"
+    m = re.search(r"Unsupported operand (\d+)", str(e))
+    if m:
+        code = chr(int(m.group(1)))
+        op = next((o.name for o in pickletools.opcodes if o.code == code), m.group(1))
+        return f"it uses the pickle opcode {op}, which the weights-only reader does not run"
+    return short(e)
+
+
+_ALLOWED: frozenset[str] | None = None
+
+
+def _allowed_globals() -> frozenset[str]:
+    global _ALLOWED
+    if _ALLOWED is None:
+        try:
+            from torch import _weights_only_unpickler as w
+            names = set(w._get_allowed_globals())
+        except (ImportError, AttributeError):  # a private helper: without it every global is listed
+            names = set()
+        for g in torch.serialization.get_safe_globals():
+            obj = g[0] if isinstance(g, tuple) else g
+            names.add(f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}")
+        _ALLOWED = frozenset(names)
+    return _ALLOWED

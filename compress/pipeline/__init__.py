@@ -1,0 +1,29 @@
+"""Pipelines: the whole job on one file, from reading it to verified outputs.
+
+- `tie_file(path, cfg)`: routes by what the file is (below);
+- `tie(loaded, cfg, data=...)`: a model in memory: plan, fine-tune, merge, export, verify;
+- `tie_checkpoint(path, out_dir, cfg)`: a (sharded) safetensors checkpoint, tensor by tensor;
+- `tie_onnx(path, out, cfg)`: an ONNX file without its PyTorch source.
+"""
+
+from .checkpoint import StreamResult, StreamTensor, audit_checkpoint, output_dir_for, tie_checkpoint
+from .onnx import tie_onnx
+from .report import TieReport
+from .route import tie_file
+from .tie import DEFAULT_OUT_DIR, ExportOptions, TieResult, output_paths, tie
+
+__all__ = [
+    "DEFAULT_OUT_DIR",
+    "ExportOptions",
+    "StreamResult",
+    "StreamTensor",
+    "TieReport",
+    "TieResult",
+    "audit_checkpoint",
+    "output_dir_for",
+    "output_paths",
+    "tie",
+    "tie_checkpoint",
+    "tie_file",
+    "tie_onnx",
+]

@@ -1,0 +1,344 @@
+"""The `compress tie` pipeline for a model in memory: plan, (soft-tie and fine-tune,) merge, measure, write.
+
+`tie(loaded, cfg, data=..., out_dir=...)` never touches the loaded model: it works on a copy and
+writes its files into `out_dir` together (atomically): the merged model (`<stem>.tied.pt2`, a
+`torch.export` program with a dynamic batch dimension, when the input has a graph or a module with
+example inputs; otherwise `<stem>.tied.pt`, a state_dict of codebooks + indices), the plan
+(`<stem>.plan.json`), the report (`<stem>.report.json`), and the exports (`<stem>.onnx`,
+`<stem>.safetensors`), each verified against the merged model.
+
+    >>> import compress
+    >>> result = tie(compress.io.load("samples/digits_mlp.pt2"), TieConfig(bits=4),
+    ...              out_dir=getfixture("tmp_path"), export=ExportOptions(onnx=False))
+    >>> result.report.size.after_bytes < result.report.size.before_bytes
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..atomic import atomic_outputs, check_output, staging_dir
+from ..codebook import Codebooks
+from ..errors import BadInputError, CompressError, Option, UnsupportedModelError
+from ..execution import loss_mode, train_mode
+from ..export import export_onnx, export_safetensors
+from ..tying import FinetuneConfig, FinetuneResult, TieConfig, TiePlan, analyze, current_weight, \
+    distributed, estimate_importance, finetune_, merge_
+from ..verify import verify, verify_safetensors
+from .measure import quality, stored_bytes
+from .report import Outputs, TieReport, build_report
+from .serialize import serialize
+
+DEFAULT_OUT_DIR = Path("compressed")
+
+
+@dataclass
+class TieResult:
+    """What `tie` made: the merged model (in memory) and its codebooks, the plan, the report, the paths.
+
+    The exporters take `model`, `codebooks` and `example_inputs` from here.
+    """
+
+    model: nn.Module
+    plan: TiePlan
+    codebooks: Codebooks
+    report: TieReport
+    model_path: Path
+    plan_path: Path
+    report_path: Path
+    example_inputs: tuple | None = None
+    finetune: FinetuneResult | None = None
+    exports: list = field(default_factory=list)  # ExportReport per exported file (ONNX, safetensors)
+    verification: list = field(default_factory=list)  # VerifyResult per exported file
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.model_path, self.plan_path, self.report_path, *self.export_paths]
+
+    @property
+    def export_paths(self) -> list[Path]:
+        return [Path(f) for e in self.exports for f in e.files]
+
+    @property
+    def verified(self) -> bool | None:
+        """True when every export matched the merged model; None when nothing was verified."""
+        return all(v.passed for v in self.verification) if self.verification else None
+
+    def to_table(self):
+        """A rich table: size, bits per weight, output error and accuracy, before and after."""
+        return self.report.to_table()
+
+
+def output_paths(input_path: str | Path, out_dir: str | Path, graph: bool) -> tuple[Path, Path, Path]:
+    """`<stem>.tied.pt2` (or `.tied.pt`), `<stem>.plan.json`, `<stem>.report.json` inside `out_dir`."""
+    stem = Path(input_path).name
+    for suffix in (".safetensors", ".onnx", ".pt2", ".pth", ".pt", ".bin", ".ckpt"):
+        if stem.endswith(suffix) and len(stem) > len(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    out = Path(out_dir)
+    return (out / f"{stem}.tied.{'pt2' if graph else 'pt'}", out / f"{stem}.plan.json",
+            out / f"{stem}.report.json")
+
+
+def tie(loaded, cfg: TieConfig | None = None, *, data=None, finetune: FinetuneConfig | None = None,
+        out_dir: str | Path = DEFAULT_OUT_DIR, force: bool = False, data_path: str | Path | None = None,
+        export: ExportOptions | None = None) -> TieResult:
+    """Tie the weights of a loaded model and write the merged model, the plan and a report.
+
+    Args:
+        loaded: what `compress.io.load` returns (the input is not changed).
+        cfg: the `TieConfig` (default: 4 bits, one codebook per tensor).
+        data: `DataSplits` from `compress.io.load_data`, for importance, fine-tuning and accuracy.
+        finetune: how to fine-tune when `data` is given (default `FinetuneConfig()`); with
+            `epochs=0` and `codebook_epochs=0`, or without data, it is post-training clustering only.
+        out_dir: the folder for the three outputs (created when needed).
+        force: overwrite existing outputs.
+        data_path: the data file, for messages and so that it is never overwritten
+            (default: `data.path` when the splits carry it).
+        export: which files to export next to the merged model and how to verify them
+            (default `ExportOptions()`: ONNX when the model has a graph, safetensors always,
+            both verified on the CPU); `ExportOptions(onnx=False, safetensors=False)` skips it.
+
+    Returns:
+        `TieResult` with the merged model, codebooks, plan, report and output paths.
+
+    Example::
+
+        result = tie(compress.io.load("model.pt2"), TieConfig(bits=2), data=compress.io.load_data("data.pt"),
+                     out_dir="out")
+    """
+    started = time.perf_counter()
+    cfg = cfg or TieConfig()
+    data_path = data_path if data_path is not None else getattr(data, "path", None)
+    model, reference, examples = _working_copy(loaded, data)
+    graph = reference is not None and examples is not None
+    paths = output_paths(loaded.path, out_dir, graph)
+    export = export or ExportOptions()
+    export_paths = _export_targets(paths[0], export, graph)
+    inputs = [Path(loaded.path)] + ([Path(data_path)] if data_path else [])
+    for p in [*paths, *export_paths]:
+        check_output(p, force=force, inputs=inputs)
+    ft = _finetune_config(finetune, data, reference, loaded.path)
+    if data is not None and reference is not None:
+        _check_data(data, model, examples, data_path)
+    if cfg.importance and data is None:
+        raise BadInputError("importance weighting (", Option("importance"), ") needs calibration data (",
+                            Option("data"), ")")
+    importance = estimate_importance(model, data) if cfg.importance else None
+    plan = analyze(model, cfg, importance=importance, program=getattr(loaded, "program", None))
+    before = stored_bytes(model)
+    originals = {t.name: current_weight(model, t.name).detach().clone() for t in plan.clustered()}
+    ft_result = None
+    if ft is not None:
+        ft_result = finetune_(model, plan, data, ft, original=reference)
+        codebooks = ft_result.codebooks
+    else:
+        codebooks = merge_(model, plan)
+    if not distributed.is_main():  # under torchrun, rank 0 alone measures, exports and writes the files
+        return TieResult(model, plan, codebooks, None, *paths, examples, ft_result)
+    measured = quality(reference, model, data, examples)
+    payload, dynamic = serialize(model, examples if graph else None, getattr(loaded, "program", None))
+    outputs = Outputs(paths[0].name, paths[1].name, paths[2].name, "pt2" if dynamic is not None else "state_dict",
+                      dynamic)
+    report = build_report(loaded, data_path, cfg, ft, plan, codebooks, originals, before, stored_bytes(model),
+                          measured, ft_result, outputs, time.perf_counter() - started)
+    with staging_dir(out_dir) as staging:
+        notes: list[str] = []
+        try:
+            exports, checks = _export_and_verify(model, codebooks, examples if graph else None, reference, data,
+                                                 export, export_paths, Path(staging), notes)
+        except CompressError as e:  # name the output folder, not the staging folder inside it
+            e.parts = tuple(p.replace(str(Path(staging)), str(out_dir)) if isinstance(p, str) else p
+                            for p in e.parts)
+            e.args = (e.render(),)
+            raise
+        report.notes = notes
+        staged = [Path(f) for e in exports for f in e.files]
+        for e in exports:  # the reports name the staging folder's files; point them at the outputs
+            e.files = [str(Path(out_dir) / Path(f).name) for f in e.files]
+            e.path = str(Path(out_dir) / Path(e.path).name)
+        for v in checks:
+            v.path = str(Path(out_dir) / Path(v.path).name)
+        report.outputs.exports = [Path(f).name for e in exports for f in e.files]
+        report.exports, report.verification = exports, checks
+        with atomic_outputs([*paths, *(Path(out_dir) / p.name for p in staged)], force=force,
+                            inputs=inputs) as tmps:
+            tmps[0].write_bytes(payload)
+            tmps[1].write_text(plan.to_json(), encoding="utf-8")
+            tmps[2].write_text(report.to_json(), encoding="utf-8")
+            for src, tmp in zip(staged, tmps[3:]):
+                os.replace(src, tmp)
+    return TieResult(model, plan, codebooks, report, *paths, examples, ft_result, exports, checks)
+
+
+@dataclass
+class ExportOptions:
+    """What `tie` exports after merging, and how it verifies the exports.
+
+    `onnx`: write `<stem>.onnx` (only for models with a graph and example inputs); `safetensors`:
+    write `<stem>.safetensors`; `verify`: run the ONNX file in onnxruntime on the test (or example)
+    inputs and load the safetensors back, against the merged model, within `atol`/`rtol`.
+    """
+
+    onnx: bool = True
+    safetensors: bool = True
+    verify: bool = True
+    provider: str = "cpu"
+    atol: float = 1e-4
+    rtol: float = 1e-4
+    codebook_dtype: str = "float32"
+
+
+def _export_targets(model_path: Path, export: ExportOptions, graph: bool) -> list[Path]:
+    stem = model_path.name.rsplit(".tied.", 1)[0]
+    out = []
+    if export.onnx and graph:
+        out.append(model_path.parent / f"{stem}.onnx")
+    if export.safetensors:
+        out.append(model_path.parent / f"{stem}.safetensors")
+    return out
+
+
+def _cpu_lacks_bfloat16(model: nn.Module, provider: str) -> bool:
+    cpu = provider.lower() in ("cpu", "cpuexecutionprovider")
+    return cpu and any(t.dtype == torch.bfloat16 for t in (*model.parameters(), *model.buffers()))
+
+
+def _export_and_verify(model: nn.Module, codebooks: Codebooks, examples: tuple | None, reference, data,
+                       export: ExportOptions, targets: list[Path], staging: Path,
+                       notes: list[str]) -> tuple[list, list]:
+    """Export into `staging` (the final names, so external data references stay right) and verify.
+
+    What could not be checked is said in `notes` (never skipped silently).
+    """
+
+    exports, checks = [], []
+    for target in targets:
+        path = staging / target.name
+        if target.suffix == ".onnx":
+            exports.append(export_onnx(model, codebooks, path, examples, codebook_dtype=export.codebook_dtype))
+            if export.verify and _cpu_lacks_bfloat16(model, export.provider):
+                notes.append(f"{target.name} not run in onnxruntime: its CPU provider has no bfloat16 kernels "
+                             "(verify it on a GPU with the CUDA provider); the safetensors file is verified")
+            elif export.verify:
+                x = data.test_inputs if data is not None and len(data.test_inputs) else examples
+                y = data.test_targets if data is not None and len(data.test_inputs) else None
+                checks.append(verify(path, model, x, provider=export.provider, atol=export.atol,
+                                     rtol=export.rtol, original=reference, measure_runtime=False, targets=y))
+        else:
+            exports.append(export_safetensors(model, codebooks, path))
+            if export.verify:
+                checks.append(verify_safetensors(path, model))
+    return exports, checks
+
+
+# --- the working model ----------------------------------------------------------------------------
+
+def _working_copy(loaded, data) -> tuple[nn.Module, nn.Module | None, tuple | None]:
+    """(model to merge, untouched reference or None, example inputs or None).
+
+    A module without example inputs borrows two calibration rows as its example when data is given.
+    """
+    module = getattr(loaded, "module", None)
+    examples = getattr(loaded, "example_inputs", None)
+    if isinstance(module, nn.Module) and not isinstance(module, torch.jit.ScriptModule):
+        if not examples and data is not None and len(data.calib_inputs):
+            examples = (data.calib_inputs[:2].clone(),)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation on deepcopy
+            # a copy: `program.module()` shares its tensors with the program (and with loaded.module)
+            return copy.deepcopy(module), module, (tuple(examples) if examples else None)
+    return _tensor_module(loaded.tensors, getattr(loaded, "aliases", {}) or {}), None, None
+
+
+def _tensor_module(tensors, aliases: dict[str, str]) -> nn.Module:
+    """A bare module whose parameters are a checkpoint's tensors (for inputs without a graph)."""
+    root = nn.Module()
+    made: dict[str, nn.Parameter] = {}
+    for name in tensors:
+        *path, attr = name.split(".")
+        module = root
+        for part in path:
+            if not part:
+                raise UnsupportedModelError(f"tensor name {name!r} has an empty path segment; rename it")
+            if not hasattr(module, part):
+                _add(module.add_module, name, part, nn.Module())
+            module = getattr(module, part)
+        target = aliases.get(name)
+        if target in made:  # storage shared in the file stays one parameter
+            p = made[target]
+        else:
+            p = nn.Parameter(tensors[name].detach().clone(), requires_grad=False)
+        made[name] = p
+        _add(module.register_parameter, name, attr, p)
+    return root
+
+
+def _add(register, name: str, attr: str, value) -> None:
+    try:
+        register(attr, value)
+    except (KeyError, TypeError) as e:
+        raise UnsupportedModelError(f"tensor {name!r} cannot be placed in a module tree ({e}); rename it") from e
+
+
+def _finetune_config(finetune: FinetuneConfig | None, data, reference, path) -> FinetuneConfig | None:
+    """The fine-tuning to run, or None for post-training clustering only."""
+    if data is None:
+        if finetune is not None and (finetune.epochs != 0 or finetune.codebook_epochs):
+            raise BadInputError("fine-tuning (", Option("epochs"), ") needs calibration data (", Option("data"), ")")
+        return None
+    ft = finetune or FinetuneConfig()
+    if ft.epochs == 0 and not ft.codebook_epochs:
+        return None
+    if reference is None:
+        raise BadInputError(f"{path} holds only tensors (no graph or module), so it cannot be fine-tuned; "
+                            "pass ", Option("epochs", 0), " or give a .pt2 program")
+    return ft
+
+
+def _check_data(data, model: nn.Module, examples: tuple | None, data_path) -> None:
+    """Refuse a data file whose shapes do not fit the model, naming the file and both shapes."""
+    where = str(data_path) if data_path else "data"
+    for split in ("calib", "test"):
+        x, y = getattr(data, f"{split}_inputs"), getattr(data, f"{split}_targets")
+        if examples:
+            ex = examples[0]
+            if tuple(x.shape[1:]) != tuple(ex.shape[1:]):
+                raise BadInputError(f"{where}: {split}_inputs have shape {list(x.shape)}, the model expects "
+                                    f"{['batch', *ex.shape[1:]]} (its example input is {list(ex.shape)})")
+            if x.dtype != ex.dtype:
+                raise BadInputError(f"{where}: {split}_inputs are {str(x.dtype).removeprefix('torch.')}, the model "
+                                    f"expects {str(ex.dtype).removeprefix('torch.')}")
+        if y is not None and len(y) != len(x):
+            raise BadInputError(f"{where}: {split}_targets has {len(y)} rows, {split}_inputs has {len(x)}")
+    x = data.calib_inputs[:3] if len(data.calib_inputs) else data.test_inputs[:3]
+    try:
+        with torch.no_grad(), train_mode(model, False):
+            out = model(x)
+    except Exception as e:  # the model's own error says what it wanted
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInputError(f"{where}: the model fails on inputs of shape {list(x.shape)}: {first}") from e
+    _check_targets(data, out, x, where)
+
+
+def _check_targets(data, out: torch.Tensor, x: torch.Tensor, where: str) -> None:
+    for split in ("calib", "test"):
+        y = getattr(data, f"{split}_targets")
+        if y is None or len(y) == 0 or loss_mode(out, x, y) != "cross-entropy":
+            continue
+        if out.ndim != 2:
+            raise BadInputError(f"{where}: integer targets need a [batch, classes] output; the model gives "
+                                f"{list(out.shape)}")
+        if int(y.min()) < 0 or int(y.max()) >= out.shape[1]:
+            raise BadInputError(f"{where}: {split}_targets range {int(y.min())}..{int(y.max())}, the model has "
+                                f"{out.shape[1]} classes")

@@ -1,0 +1,176 @@
+"""`TieConfig`: what to tie and how, in layers (global values, by module type, by name glob).
+
+    >>> cfg = TieConfig.from_dict({"bits": 2, "by_name": {"fc3.*": {"bits": 8}}})
+    >>> cfg.resolved("fc3.weight", "Linear").bits, cfg.resolved("fc1.weight", "Linear").bits
+    (8, 2)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from ..errors import BadInputError, Option
+from ..granularity import KINDS, Granularity
+from ..records import Record, decode, read_json
+
+CONFIG_VERSION = 1
+MAX_BITS = 8
+MAX_K = 1 << MAX_BITS
+_OVERRIDE_TYPES = {"bits": int | None, "tolerance": float | None, "granularity": str, "group_size": int | None,
+                   "enabled": bool}
+
+
+@dataclass
+class TieConfig(Record):
+    """What to tie and how. K comes from `bits` (K = 2**bits) or, when set, from `tolerance`.
+
+    Args:
+        bits: index bits per weight, 1..8 (ignored when `tolerance` is set).
+        tolerance: keep every weight within this absolute distance of its shared value, with the
+            fewest shared values that allow it (at most 256).
+        granularity: one codebook per "tensor", per output "channel" (row), or per "group" of
+            `group_size` rows.
+        importance: weight the clustering by each weight's mean squared gradient on the data.
+        min_elements: tensors with fewer elements are left alone.
+        include / exclude: fnmatch globs on parameter names; `include` clusters a tensor the
+            defaults would skip (bias, norm, small, unregistered); `exclude` always wins.
+        tie_tensors: make equal or transposed copies of a tensor one parameter.
+        tie_tolerance: relative error under which two tensors count as copies (0: exact only).
+        by_type / by_name: overrides `{pattern: {"bits"|"tolerance"|"granularity"|"group_size"|"enabled": v}}`.
+
+    >>> TieConfig.from_dict({"bits": 2, "by_name": {"fc3.*": {"bits": 8}}}).bits
+    2
+    """
+
+    bits: int | None = 4
+    tolerance: float | None = None
+    granularity: str = "tensor"
+    group_size: int | None = None
+    importance: bool = False
+    min_elements: int = 1024
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    tie_tensors: bool = True
+    tie_tolerance: float = 0.0
+    by_type: dict[str, dict] = field(default_factory=dict)
+    by_name: dict[str, dict] = field(default_factory=dict)
+    version: int = CONFIG_VERSION
+
+    _what = "config"
+
+    def __post_init__(self) -> None:
+        self._validate(vars(self), "config")
+
+    @classmethod
+    def _validate(cls, v: dict, where: str) -> None:
+        full = {f: getattr(cls, f, None) for f in ("bits", "tolerance", "granularity", "group_size",
+                                                   "min_elements", "tie_tolerance")} | v
+        full.setdefault("by_type", {})
+        full.setdefault("by_name", {})
+        _check_k_settings(full["bits"], full["tolerance"], full["granularity"], full["group_size"], where)
+        if full["bits"] is None and full["tolerance"] is None:
+            raise BadInputError(f"{where}: set bits (1..{MAX_BITS}) or tolerance; both are null")
+        if full["granularity"] == "group" and full["group_size"] is None:
+            raise BadInputError(f"{where}: granularity 'group' needs a group size (", Option("group_size"), ")")
+        if full["min_elements"] < 0:
+            raise BadInputError(f"{where}: min_elements must be >= 0, got {full['min_elements']}")
+        if not math.isfinite(full["tie_tolerance"]) or full["tie_tolerance"] < 0:
+            raise BadInputError(f"{where}: tie_tolerance must be a finite number >= 0, got {full['tie_tolerance']}")
+        for section in ("by_type", "by_name"):
+            for pattern, over in (full[section] or {}).items():
+                _check_override(section, pattern, over, where)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TieConfig:
+        """Read a `tie.json` config file."""
+        return cls.from_dict(read_json(path), source=str(path))
+
+    @classmethod
+    def layered(cls, path: str | Path | None = None, *, source: str = "settings", **values) -> TieConfig:
+        """The config file's values (or the defaults) with `values` that are not None on top.
+
+        `bits` and `tolerance` exclude each other (the one given wins over the file's); `include`
+        and `exclude` add to the file's globs.
+
+        >>> TieConfig.layered(bits=2, exclude=["fc3.*"]).to_dict()["exclude"]
+        ['fc3.*']
+        """
+        base = cls.load(path).to_dict() if path is not None else cls().to_dict()
+        given = {k: v for k, v in values.items() if v is not None and v != () and v is not False}
+        if "bits" in given and "tolerance" in given:
+            raise BadInputError("give ", Option("bits"), " or ", Option("tolerance"), ", not both")
+        if "bits" in given:
+            base["tolerance"] = None
+        if "tolerance" in given:
+            base["bits"] = None
+        for key in ("include", "exclude"):
+            if key in given:
+                given[key] = [*base[key], *given[key]]
+        unknown = sorted(set(given) - set(base))
+        if unknown:
+            raise TypeError(f"TieConfig.layered() got unknown settings {unknown}")
+        return cls.from_dict(base | given, source=str(path) if path else source)
+
+    def resolved(self, name: str, module_type: str | None) -> Settings:
+        """The settings for one parameter after the by_type and by_name layers."""
+        s = Settings(self.bits, self.tolerance, Granularity.of(self.granularity, self.group_size), True, "")
+        if module_type is not None and module_type in self.by_type:
+            s = s.apply(self.by_type[module_type], f"by_type {module_type!r}")
+        for pattern, over in self.by_name.items():
+            if fnmatchcase(name, pattern):
+                s = s.apply(over, f"by_name {pattern!r}")
+        return s
+
+    def settings(self) -> Settings:
+        """The global settings (no overrides applied)."""
+        return Settings(self.bits, self.tolerance, Granularity.of(self.granularity, self.group_size), True, "")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one tensor gets: K from `bits` or `tolerance`, a granularity, whether it is tied at all."""
+
+    bits: int | None
+    tolerance: float | None
+    grain: Granularity
+    enabled: bool = True
+    source: str = ""  # the last override that changed something, for reasons
+
+    def apply(self, over: dict, source: str) -> Settings:
+        kind = over.get("granularity", self.grain.kind)
+        size = over.get("group_size", self.grain.size)
+        new = replace(self, bits=over.get("bits", self.bits), tolerance=over.get("tolerance", self.tolerance),
+                      grain=Granularity.of(kind, size if kind == "group" else None),
+                      enabled=over.get("enabled", self.enabled), source=source)
+        # The layer that names K wins: bits clears an inherited tolerance and vice versa.
+        if "bits" in over and "tolerance" not in over:
+            new = replace(new, tolerance=None)
+        if "tolerance" in over and over["tolerance"] is not None and "bits" not in over:
+            new = replace(new, bits=None)
+        return new
+
+
+def _check_override(section: str, pattern: str, over, source: str = "config") -> None:
+    where = f"{source}: {section}[{pattern!r}]"
+    if not isinstance(over, dict):
+        raise BadInputError(f"{where} must be an object of overrides")
+    for key, value in over.items():
+        if key not in _OVERRIDE_TYPES:
+            raise BadInputError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(_OVERRIDE_TYPES))}")
+        decode(_OVERRIDE_TYPES[key], value, where, key)
+    _check_k_settings(over.get("bits"), over.get("tolerance"), over.get("granularity", "tensor"),
+                      over.get("group_size", 1), where)
+
+
+def _check_k_settings(bits, tolerance, granularity, group_size, where: str) -> None:
+    if bits is not None and not (isinstance(bits, int) and 1 <= bits <= MAX_BITS):
+        raise BadInputError(f"{where}: bits must be between 1 and {MAX_BITS}, got {bits}")
+    if tolerance is not None and (not math.isfinite(tolerance) or tolerance < 0):
+        raise BadInputError(f"{where}: tolerance must be a finite number >= 0, got {tolerance}")
+    if granularity not in KINDS:
+        raise BadInputError(f"{where}: granularity must be one of {', '.join(KINDS)}, got {granularity!r}")
+    if group_size is not None and group_size < 1:
+        raise BadInputError(f"{where}: group_size must be >= 1, got {group_size}")
