@@ -66,8 +66,10 @@ def atomic_outputs(paths: Sequence[Path | str], *, force: bool = False,
                    inputs: Sequence[Path | str] = ()) -> Iterator[list[Path]]:
     """Yield temporary paths to write; on success rename each onto its target, on failure delete them.
 
-    >>> with atomic_outputs(["out/model.onnx"]) as (tmp,):
-    ...     tmp.write_bytes(b"...")
+    Example::
+
+        with atomic_outputs(["out/model.onnx", "out/model.onnx.data"]) as (onnx_tmp, data_tmp):
+            ...  # write both; they appear together, or not at all
     """
     targets = [Path(p) for p in paths]
     for t in targets:

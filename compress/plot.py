@@ -32,11 +32,12 @@ def plot_audit(report: AuditReport, tensors: Mapping[str, torch.Tensor], path: P
         path: the PNG to write (atomically).
         count: how many tensors, largest first (at most 6 fit one readable page).
         bits: which hard merge's shared values to draw (taken from the report when it lists them).
-        force, inputs: as in `compress._atomic.atomic_outputs`.
+        force, inputs: as in `compress.atomic.atomic_outputs`.
 
-    >>> loaded = compress.io.load("samples/digits_gru.pt2")
-    >>> plot_audit(audit(loaded), loaded.tensors, "/tmp/gru-audit.png", force=True)
-    PosixPath('/tmp/gru-audit.png')
+    Example::
+
+        loaded = compress.io.load("samples/digits_gru.pt2")
+        plot_audit(compress.audit(loaded), loaded.tensors, "gru-audit.png")
     """
     figure_cls, canvas_cls = _matplotlib()
     chosen = _largest_float_tensors(report, count)

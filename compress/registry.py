@@ -7,9 +7,8 @@ A type is found by walking its MRO, so subclasses (e.g. `NonDynamicallyQuantizab
 qualified class name of each module (`torch.nn.modules.linear.Linear`), so look-ups by that name
 work too.
 
-    >>> register(MyLowRankLinear, ("u", "v"))
-    >>> clusterable_names(nn.Linear(4, 4))
-    ('weight',)
+    >>> clusterable_names(nn.Linear(4, 4)), clusterable_names(nn.LayerNorm(4))
+    (('weight',), None)
 """
 
 from __future__ import annotations
@@ -32,7 +31,9 @@ def register(module_type: type, param_names: tuple[str, ...] | list[str]) -> Non
 
     A later call for the same type replaces the earlier one.
 
-    >>> register(nn.Linear, ("weight",))
+    Example::
+
+        register(MyLowRankLinear, ("u", "v"))
     """
     if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
         raise TypeError(f"register() needs an nn.Module subclass, got {module_type!r}")

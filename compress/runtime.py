@@ -12,8 +12,10 @@ not the OS (malloc's adaptive mmap threshold), so for mid-sized models keep_comp
 memory with `MALLOC_MMAP_THRESHOLD_=131072` in the environment (1024x1024 4-bit: 62 MB resident
 without it, 11 MB with it, vs 14 MB default). `verify` measures both modes.
 
-    >>> session = make_session("out/model.onnx", provider="cpu", keep_compressed=True)
-    >>> session.run(None, {"x": x.numpy()})
+Example::
+
+    session = make_session("compressed/digits_mlp.onnx", provider="cpu", keep_compressed=True)
+    session.run(None, {"x": x.numpy()})
 """
 
 from __future__ import annotations
@@ -75,7 +77,9 @@ def make_session(path: str | Path, provider: str = "cpu", keep_compressed: bool 
         provider: "cpu", "cuda" or a full onnxruntime provider name.
         keep_compressed: keep weights as codebook + indices in memory (constant folding off).
 
-    >>> session = make_session("model.onnx", "cuda")   # CompressError if onnxruntime-gpu is missing
+    Example::
+
+        session = make_session("model.onnx", "cuda")   # CompressError if onnxruntime-gpu is missing
     """
     import onnxruntime as ort
 

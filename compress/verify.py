@@ -6,9 +6,10 @@ reference (merged) model; decode is exact, so differences are float reordering (
 mean cosine, top-1 agreement). It measures load time, latency and memory of both session modes in a
 fresh process. `verify_safetensors` loads a safetensors export and compares it bit for bit.
 
-    >>> result = verify("out/model.onnx", merged_model, torch.rand(64, 64))
-    >>> result.passed, result.checks[0].max_abs
-    (True, 2.4e-07)
+Example::
+
+    result = verify("out/model.onnx", merged_model, torch.rand(64, 64))
+    result.passed, result.checks[0].max_abs      # (True, 2.4e-07)
 """
 
 from __future__ import annotations
@@ -134,8 +135,10 @@ def verify(onnx_path: str | Path, reference, inputs, *, provider: str = "cpu", a
         targets: class labels of `inputs`, if any: top-1 agreement is then reported only for outputs
             with one column per class (without them, for every 2-D output).
 
-    >>> result = verify("model.onnx", merged, data.test_inputs, original=dense)
-    >>> print("\\n".join(result.lines()))
+    Example::
+
+        result = verify("model.onnx", merged, data.test_inputs, original=dense)
+        print("\\n".join(result.lines()))
     """
     onnx_path = Path(onnx_path)
     session = make_session(onnx_path, provider, keep_compressed)
@@ -165,8 +168,9 @@ def verify_safetensors(path: str | Path, reference_state_dict) -> VerifyResult:
 
     `reference_state_dict` is the merged model or its state_dict (codebook storage is decoded).
 
-    >>> verify_safetensors("out/model.safetensors", merged_model).passed
-    True
+    Example::
+
+        verify_safetensors("out/model.safetensors", merged_model).passed
     """
     from .io import load_codebook_safetensors
 

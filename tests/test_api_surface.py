@@ -1,5 +1,7 @@
 """The public API changes only on purpose: this list is the contract with users."""
 
+import pytest
+
 import compress
 import compress.export
 
@@ -23,6 +25,7 @@ def test_every_public_name_resolves():
         assert getattr(compress, name) is not None, name
 
 
+@pytest.mark.slow
 def test_import_compress_does_not_load_onnx_or_onnxruntime():
     import subprocess
     import sys

@@ -174,6 +174,7 @@ _DISTRIBUTIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [4, 16])
 @pytest.mark.parametrize("dist", list(_DISTRIBUTIONS))
 def test_not_worse_than_sklearn(dist, k):

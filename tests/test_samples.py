@@ -102,6 +102,7 @@ def test_gru_uses_one_weight_set_for_all_8_rows(programs):
     assert len({tuple(a.name for a in n.args[2:]) for n in cells}) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_program_exports_to_onnx_and_matches_in_onnxruntime(programs, name):
     assert train.onnx_max_error(programs[name], batches=(1, 7)) <= 1e-4

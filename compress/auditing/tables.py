@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..units import format_bytes, format_iec
-from .report import AuditReport, RowRepeats, TensorAudit
+
+if TYPE_CHECKING:
+    from .report import AuditReport, RowRepeats, TensorAudit
 
 
 def render_table(r: AuditReport, top: int | None = None):

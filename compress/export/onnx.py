@@ -68,9 +68,11 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram, codebooks: Code
         force: overwrite existing output files.
         external_data: store tensors in `<path>.data`; default: only when the model exceeds 1.8 GB.
 
-    >>> codebooks = merge_(model, plan)
-    >>> report = export_onnx(model, codebooks, "out/model.onnx", torch.rand(1, 64))
-    >>> print(report.file_bytes, report.bound_bytes)
+    Example::
+
+        codebooks = merge_(model, plan)
+        report = export_onnx(model, codebooks, "out/model.onnx", torch.rand(1, 64))
+        print(report.file_bytes, report.bound_bytes)
     """
     path = Path(path)
     stored = _codebook_dtype(codebook_dtype)

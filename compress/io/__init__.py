@@ -16,7 +16,7 @@ from .codebook_files import load_codebook_checkpoint, load_codebook_safetensors
 from .data import load_data
 from .load import KINDS, load
 from .loaded import DataSplits, Loaded, find_aliases
-from .onnx import read_onnx
+from .onnx_file import read_onnx
 
 __all__ = [
     "KINDS",

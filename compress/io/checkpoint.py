@@ -5,10 +5,10 @@ full pass over a checkpoint grows resident memory with its size. `open_checkpoin
 map per tensor, which the tensor keeps alive and no longer: memory stays at the largest tensor.
 The headers are validated exactly as `load` validates them (`io.safetensors`).
 
-    >>> ckpt = Checkpoint.open(Path("samples/digits_mlp.pt2"))
-    Traceback (most recent call last):
-    ...
-    compress.errors.BadInputError: samples/digits_mlp.pt2: not a .safetensors file or a *.safetensors.index.json; checkpoints are streamed from safetensors only (other formats are read whole by compress.io.load)
+Example::
+
+    loaded = open_checkpoint("ckpt/model.safetensors.index.json")   # a `Loaded` with lazy tensors
+    report = compress.audit(loaded)
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ def open_checkpoint(path: str | Path) -> Loaded:
     `compress.io.load` keeps one handle per shard open, so every page read stays mapped and the
     resident memory of a full pass grows with the checkpoint; here it stays at the largest tensor.
 
-    >>> report = audit(open_checkpoint("ckpt/model.safetensors.index.json"))
     """
     ckpt = Checkpoint.open(Path(path))
     return Loaded(path=Path(path), kind="safetensors", tensors=CheckpointTensors(ckpt), aliases=dict(ckpt.aliases))

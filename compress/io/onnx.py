@@ -18,16 +18,12 @@ import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ..errors import BadInputError, UnsafePickleError, UnsupportedModelError
+from ..errors import BadInputError, UnsupportedModelError
 from ._errors import library_call
-
-if TYPE_CHECKING:
-    import onnx
 
 _KNOWN_KEYS = {"location", "offset", "length", "checksum"}
 _INT = re.compile(r"\d{1,19}\Z")
@@ -79,7 +75,7 @@ def check_model(model, path: Path) -> dict[str, ExternalRef]:
     refs: dict[str, ExternalRef] = {}
     for init in model.graph.initializer:
         _check_dims(init, path)
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         if tensor.data_location == 1:  # EXTERNAL
             ref = external_ref(tensor, folder, path)
             _check_size(tensor, ref.length, "external data", path)
@@ -92,7 +88,7 @@ def check_model(model, path: Path) -> dict[str, ExternalRef]:
     return refs
 
 
-def _all_tensors(model) -> Iterator:
+def all_tensors(model) -> Iterator:
     yield from _graph_tensors(model.graph)
     for fn in model.functions:
         for node in fn.node:
@@ -288,66 +284,6 @@ def _unpack(buf: bytes, count: int, bits: int, signed: bool) -> torch.Tensor:
     if signed:
         vals = ((vals.astype(np.int16) ^ (1 << (bits - 1))) - (1 << (bits - 1))).astype(np.int8)
     return torch.from_numpy(np.ascontiguousarray(vals))
-
-
-# --- reading a whole model (onnxruntime, the ONNX tie) ---------------------------------------------
-
-def read_onnx(path: str | Path, *, load_data: bool = True) -> onnx.ModelProto:
-    """The model at `path`, with its external data loaded (`load_data`) after checking every location.
-
-    Example::
-
-        proto = read_onnx("compressed/digits_mlp.onnx")
-    """
-    import onnx
-
-    from .load import load
-
-    path = Path(path)
-    _check_onnx_file(path)
-    try:
-        loaded = load(path)
-    except UnsafePickleError as e:
-        # an ONNX reader never unpickles, so trusting the file (which the refusal suggests) cannot help
-        raise BadInputError(f"{path}: not an ONNX model (it holds a pickle, which is never unpickled here: "
-                            "it would run code); give an .onnx file") from e
-    if loaded.kind != "onnx" or loaded.onnx_model is None:
-        raise BadInputError(f"{path}: not an ONNX model (read as {loaded.kind}); give an .onnx file")
-    proto = loaded.onnx_model
-    check_external_data(proto, path)
-    if load_data:
-        onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
-    return proto
-
-
-def check_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    """Refuse external data outside the model's folder, missing files and ranges past their end."""
-    folder = path.resolve().parent
-    for t in _all_tensors(proto):
-        if t.data_location != 1:  # EXTERNAL
-            continue
-        info = {e.key: e.value for e in t.external_data}
-        location = info.get("location", "")
-        target = (folder / location).resolve()
-        if not location or os.path.isabs(location) or not target.is_relative_to(folder):
-            raise BadInputError(f"{path}: tensor `{t.name}` reads external data from {location!r}, outside "
-                                f"the model's folder; refusing to read it")
-        if not target.is_file():
-            raise BadInputError(f"{path}: external data file {location!r} for tensor `{t.name}` is missing; "
-                                f"copy it next to the model")
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        if end > target.stat().st_size:
-            raise BadInputError(f"{path}: external data file {location!r} is truncated (tensor `{t.name}` "
-                                f"needs {end:,} bytes, the file has {target.stat().st_size:,})")
-
-
-def _check_onnx_file(path: Path) -> None:
-    if not path.exists():
-        raise BadInputError(f"{path}: no such file")
-    if not path.is_file():
-        raise BadInputError(f"{path}: not a file")
-    if path.stat().st_size == 0:
-        raise BadInputError(f"{path}: the file is empty")
 
 
 class OnnxTensors(Mapping):

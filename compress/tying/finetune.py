@@ -150,9 +150,10 @@ def finetune_(model: nn.Module, plan: TiePlan, data, cfg: FinetuneConfig | None 
     Returns:
         `FinetuneResult` with the merged model's codebooks.
 
-    >>> result = finetune_(model, plan, data, FinetuneConfig(epochs=3))
-    >>> result.mode
-    'cross-entropy'
+    Example::
+
+        result = finetune_(model, plan, data, FinetuneConfig(epochs=3))
+        result.mode   # 'cross-entropy' with integer targets
     """
     cfg = cfg or FinetuneConfig()
     if not plan.clustered():  # nothing to pull together: training would only change the model

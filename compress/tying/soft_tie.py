@@ -78,8 +78,10 @@ class SoftTie:
             initialized (the model trained with DDP or FSDP2); False: every rank works alone on its
             full tensors.
 
-    >>> st = SoftTie(model, plan, strength=0.5)
-    >>> loss = task_loss + st.penalty()
+    Example::
+
+        st = SoftTie(model, plan, strength=0.5)
+        loss = task_loss + st.penalty()
     """
 
     def __init__(self, model: nn.Module, plan: TiePlan, *, strength: float = 1.0, prior: str = "pairwise",

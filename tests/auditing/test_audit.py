@@ -234,6 +234,7 @@ def test_identical_rows_cost_no_budget():
     assert [(i, j) for i, j, _ in rows.examples] == [(0, 1), (0, 2), (0, 3)]
 
 
+@pytest.mark.slow
 def test_repeated_rows_fast_on_an_embedding_sized_tensor():
     m = np.random.default_rng(0).normal(0, 0.05, (30522, 384)).astype(np.float32).astype(np.float64)
     planted = [(5, 30000), (17, 123), (2000, 2001)]

@@ -112,6 +112,7 @@ def _assert_refused(result, path: Path, out: Path, root: Path) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("command", "fid"), CASES, ids=[f"{c}-{f}" for c, f in CASES])
 def test_hostile_file_is_refused_in_every_slot_of_every_command(world, command, fid, tmp_path):
     path = world.hostile[fid]
@@ -152,6 +153,7 @@ def test_the_payloads_are_live_through_the_cli(tmp_path):
     assert sentinels(tmp_path) == ["live"]
 
 
+@pytest.mark.slow
 def test_a_real_process_prints_one_line_and_exits_2(world, tmp_path):
     path = world.hostile["pt2_constant-builtins_exec"]
     proc = subprocess.run([sys.executable, "-m", "cli", "tie", str(path), "-o", str(tmp_path / "out")],

@@ -95,6 +95,7 @@ def test_tie_json_to_stdout(tiny, tmp_path):
     assert json.loads(result.stdout)["outputs"]["model"] == "tiny.tied.pt2"
 
 
+@pytest.mark.slow
 def test_existing_outputs_need_force(tiny, tmp_path):
     pt2, _ = tiny
     out = tmp_path / "out"
@@ -153,6 +154,7 @@ def test_a_module_without_example_inputs_borrows_them_from_the_data(tmp_path):
 
 # --- the bundled sample -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SAMPLES / "digits_mlp.pt2").exists(), reason="samples not built")
 def test_sample_mlp_default_four_bits_keeps_accuracy(tmp_path):
     out = tmp_path / "out"

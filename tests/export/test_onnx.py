@@ -44,6 +44,7 @@ CASES = [("mlp", 1), ("mlp", 2), ("mlp", 8), ("conv", 3), ("tied_ae", 4), ("gru_
 TIED = {"tied_ae": "enc.weight", "tied_emb_head": "emb.weight"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "bits"), CASES, ids=[f"{k}-{b}bit" for k, b in CASES])
 def test_export_matches_merged_model(tmp_path, kind, bits):
     model, cbs, x = merged(kind, bits)
@@ -145,6 +146,7 @@ WIDE = [(1, "packed1", "tensor", None), (3, "packed3", "channel", None), (5, "pa
 
 @pytest.mark.parametrize(("bits", "label", "granularity", "group_size"), WIDE,
                          ids=[f"{b}bit-{lab}-{g}" for b, lab, g, _ in WIDE])
+@pytest.mark.slow
 def test_big_layer_file_is_near_its_bound(tmp_path, bits, label, granularity, group_size):
     torch.manual_seed(1)
     model = Wide(253, 999).eval()  # 252,747 weights: not a multiple of 8, so the unpack slices
@@ -159,6 +161,7 @@ def test_big_layer_file_is_near_its_bound(tmp_path, bits, label, granularity, gr
     assert report.bound_bytes <= 1.01 * bound + graph
 
 
+@pytest.mark.slow
 def test_four_bit_file_is_an_eighth_of_fp32(tmp_path):
     torch.manual_seed(2)
     model = Wide(256, 1024).eval()
@@ -204,6 +207,7 @@ class TwinHeads(nn.Module):
         return self.c(self.a(x) + self.b(x))
 
 
+@pytest.mark.slow
 def test_dedup_stores_identical_initializers_once(tmp_path):
     model = TwinHeads().eval()
     x = torch.rand(3, 64)

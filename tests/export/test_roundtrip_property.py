@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -130,6 +131,7 @@ def _numpy_decode(codebook: TensorProto, index: TensorProto, cb: TensorCodebook)
     return table[idx + group[:, None] * cb.k].reshape(cb.shape)
 
 
+@pytest.mark.slow
 @settings(max_examples=12, **SETTINGS)
 @given(merged_models())
 def test_onnx_stores_exactly_the_codebooks_and_runs_like_the_merged_model(case):

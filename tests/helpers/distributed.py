@@ -11,6 +11,7 @@ sets them): `python -m tests.helpers.distributed MODE OUT_DIR`.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import socket
@@ -125,14 +126,17 @@ def main() -> None:
     if mode == "match":
         for name, cfg in SCENARIOS.items():
             torch.save(run_scenario(cfg), out / f"{name}.rank{rank}.pt")
-    else:
-        try:
-            run_failing(mode)
-        except Exception as e:
-            (out / f"rank{rank}.error").write_text(f"{type(e).__name__}: {e}")
-            dist.destroy_process_group()
-            raise
+        dist.destroy_process_group()
+        return
+    try:
+        run_failing(mode)
+    except Exception as e:  # noqa: BLE001 - the test reads the message
+        (out / f"rank{rank}.error").write_text(f"{type(e).__name__}: {e}")
+    # the traceback is gone here: free the DDP reducer and its pending gloo work before the group
+    # (held past destroy_process_group, gloo aborted the process on exit now and then)
+    gc.collect()
     dist.destroy_process_group()
+    sys.exit(1)
 
 
 if __name__ == "__main__":

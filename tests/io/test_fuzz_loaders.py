@@ -148,6 +148,7 @@ def _check(workdir: Path, name: str, suffix: str, content: bytes) -> None:
 
 # --- one test per loader -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fuzz_pt2_raw_bytes(seeds, workdir):
     @_settings("pt2_raw")
     @given(st.data())
@@ -156,6 +157,7 @@ def test_fuzz_pt2_raw_bytes(seeds, workdir):
     run()
 
 
+@pytest.mark.slow
 def test_fuzz_pt2_entries(seeds, workdir):
     @_settings("pt2_entries")
     @given(st.data())

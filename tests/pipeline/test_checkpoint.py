@@ -187,6 +187,7 @@ def test_kept_tensors_are_copied_byte_for_byte(ckpt, tmp_path):
 
 # --- determinism, shards, index -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_output_does_not_depend_on_the_number_of_workers(ckpt, tmp_path):
     cfg = TieConfig(bits=3, granularity="channel")
     one = tie_checkpoint(ckpt, tmp_path / "one", cfg, workers=1, max_shard_bytes=4096)
@@ -251,6 +252,7 @@ def test_result_round_trips_and_refuses_unknown_keys(ckpt, tmp_path):
 
 # --- nothing written on failure; refusals ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_failing_worker_leaves_no_output(tmp_path):
     shards = _tensors()
     shards[2]["head.weight"][3, 4] = float("nan")

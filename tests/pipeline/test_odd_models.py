@@ -69,6 +69,7 @@ DTYPES = [torch.float16, torch.float64,
           torch.bfloat16]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_low_and_high_precision_graph_models_are_tied_in_their_dtype(tmp_path, dtype):
     pt2 = save_pt2(Mlp().to(dtype), torch.randn(4, 48, dtype=dtype), tmp_path / "m.pt2")
@@ -258,6 +259,7 @@ def test_loading_keeps_a_parameter_shared_three_ways_one_object(shared_pt2):
     assert module.a.weight is module.b.weight is module.c.weight
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie_tensors", [True, False], ids=["value-ties-on", "value-ties-off"])
 def test_a_parameter_shared_three_ways_stays_one_after_the_merge(shared_pt2, tmp_path, tie_tensors):
     result = tie(load(shared_pt2), TieConfig(bits=2, tie_tensors=tie_tensors), out_dir=tmp_path)

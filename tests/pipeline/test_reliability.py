@@ -104,6 +104,7 @@ def _commands(f: Files, out: Path) -> dict[str, tuple[list, list[str]]]:
 
 # --- atomic outputs, inputs untouched -------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["audit", "tie", "export", "verify"])
 def test_every_output_is_renamed_into_place_and_inputs_are_untouched(files, tmp_path, monkeypatch, command):
     out = tmp_path / "out"
@@ -195,6 +196,7 @@ def _disk_full(path) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["audit", "export", "verify", "tie"])
 def test_a_full_disk_is_a_clear_error_and_leaves_earlier_outputs(files, tmp_path, monkeypatch, command):
     """The disk fills while the outputs are flushed: exit 2, one line, earlier outputs as they were."""
@@ -368,10 +370,12 @@ def _after_kill(tie_runs, key: str) -> set[str]:
     return changed
 
 
+@pytest.mark.slow
 def test_killed_while_exporting_the_earlier_outputs_are_intact(tie_runs):
     assert _after_kill(tie_runs, "kill-exporting") == set()
 
 
+@pytest.mark.slow
 def test_killed_while_writing_every_target_is_whole(tie_runs):
     """Usually all are still the earlier files; a late kill may find renames done, the model last."""
     changed = _after_kill(tie_runs, "kill-writing")
@@ -382,6 +386,7 @@ class _Crash(BaseException):
     """Stands for the process dying: nothing in the toolkit catches it."""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("renamed", [1, 4])
 def test_a_crash_between_the_renames_never_leaves_a_new_model_with_earlier_companions(
         files, tmp_path, monkeypatch, renamed):
@@ -410,6 +415,7 @@ def test_a_crash_between_the_renames_never_leaves_a_new_model_with_earlier_compa
         _complete(out / name)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_with_exit_130_and_no_new_outputs(tie_runs):
     runs, earlier = tie_runs
     r = runs["ctrl-c"]
@@ -419,6 +425,7 @@ def test_ctrl_c_stops_cleanly_with_exit_130_and_no_new_outputs(tie_runs):
     assert {p.name: p.read_bytes() for p in r.out.iterdir()} == earlier  # and no temporary files left
 
 
+@pytest.mark.slow
 def test_a_real_full_disk_fails_cleanly_and_keeps_the_earlier_outputs(tie_runs):
     """On a 64 KiB tmpfs (a private mount namespace) holding earlier outputs, a bigger tie fails cleanly."""
     runs, earlier = tie_runs

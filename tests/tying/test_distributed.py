@@ -59,6 +59,7 @@ def two_ranks(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_two_ranks_give_the_single_process_result_and_hold_the_same_plan_at_every_step(two_ranks, name):
     ranks = [torch.load(two_ranks / f"{name}.rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -92,6 +93,7 @@ def test_two_ranks_give_the_single_process_result_and_hold_the_same_plan_at_ever
 
 # --- a failing rank ends the run --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_rank_that_raises_makes_every_rank_raise_its_error_without_a_launcher(tmp_path):
     codes, outputs, seconds = _ranks("raise", tmp_path)
     assert codes == [1, 1], "\n".join(outputs)
@@ -101,6 +103,7 @@ def test_a_rank_that_raises_makes_every_rank_raise_its_error_without_a_launcher(
         "RankFailedError: rank 1 failed in soft-tying epoch 1: ValueError: rank 1 cannot go on")
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_ends_the_torchrun_run_with_an_error(tmp_path):
     started = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -114,6 +117,7 @@ def test_a_rank_that_dies_ends_the_torchrun_run_with_an_error(tmp_path):
 
 # --- `compress tie --nproc 2` -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_tie_with_nproc_2_writes_what_one_process_writes(tmp_path):
     from click.testing import CliRunner
     from safetensors.torch import load_file
