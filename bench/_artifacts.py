@@ -68,8 +68,7 @@ class Built:
 def _toolkit():
     from compress.export.onnx import export_onnx
     from compress.export.safetensors import export_safetensors
-    from compress.merge import merge_
-    from compress.plan import TieConfig, analyze
+    from compress.tying import TieConfig, analyze, merge_
 
     return TieConfig, analyze, merge_, export_onnx, export_safetensors
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from _common import SAMPLES, Table, Target, finish, minilm_path, parse_args, run_child
 
-from compress._units import format_bytes, format_iec
+from compress.units import format_bytes, format_iec
 
 GOAL_SECONDS = 10.0
 GOAL_MEMORY_TIMES_LARGEST = 4.0
@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy, torch
-from compress.audit import AuditConfig, audit
+from compress.auditing import AuditConfig, audit
 
 
 class _SafeOpenMapping(Mapping):

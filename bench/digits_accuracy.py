@@ -97,7 +97,7 @@ def batches(n: int, epochs: int):
 def tie_config(model: nn.Module, bits: int):
     """Every Linear/Conv2d weight at `bits`, per tensor; a tensor with fewer elements than 2**bits gets
     the most bits it can hold (the toolkit refuses K > n), which the bits column then shows."""
-    from compress.plan import TieConfig
+    from compress.tying import TieConfig
 
     by_name = {n: {"bits": int(math.log2(w.numel()))} for n, w in clustered_weights(model).items()
                if w.numel() < 2 ** bits}
@@ -105,8 +105,7 @@ def tie_config(model: nn.Module, bits: int):
 
 
 def ours_ptq(model: nn.Module, bits: int, data, epochs: int) -> str:
-    from compress.merge import merge_
-    from compress.plan import analyze
+    from compress.tying import analyze, merge_
 
     merge_(model, analyze(model, tie_config(model, bits)))
     return ""
@@ -114,8 +113,7 @@ def ours_ptq(model: nn.Module, bits: int, data, epochs: int) -> str:
 
 def ours_soft(prior: str):
     def run(model: nn.Module, bits: int, data, epochs: int) -> str:
-        from compress.finetune import FinetuneConfig, finetune_
-        from compress.plan import analyze
+        from compress.tying import FinetuneConfig, analyze, finetune_
 
         # the same epochs in total as the peer: soft tying, then (after the merge) codebook tuning
         codebook_epochs = min(2, max(epochs - 1, 0))

@@ -122,13 +122,11 @@ def calib_data(calib_ids: torch.Tensor):
 
 
 def ours(model: SentenceEmbedder, m: Method, bits: int, data):
-    from compress.finetune import FinetuneConfig, finetune_
-    from compress.merge import merge_
-    from compress.plan import TieConfig, analyze
+    from compress.tying import FinetuneConfig, TieConfig, analyze, estimate_importance, finetune_, merge_
 
     cfg = TieConfig(bits=bits, granularity=m.granularity, group_size=GROUP if m.granularity == "group" else None,
                     importance=m.importance, exclude=list(EXCLUDE))
-    plan = analyze(model, cfg, data=data if m.importance else None)
+    plan = analyze(model, cfg, importance=estimate_importance(model, data) if m.importance else None)
     if not m.finetune:
         return merge_(model, plan)
     ft = FinetuneConfig(**dict(m.finetune), batch_size=32, seed=0, progress=False)

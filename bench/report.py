@@ -135,7 +135,7 @@ def main() -> int:
         if not block(name).search(text):
             print(f"bench/out/{name}.json has no <!-- bench:{name}:begin --> block in {DOC.name}: not shown")
     text, done = rewrite(text, results)
-    from compress._atomic import write_text_atomic
+    from compress.atomic import write_text_atomic
 
     write_text_atomic(DOC, text, force=True)
     print(f"rewrote {', '.join(done) or 'nothing'} in {DOC.relative_to(C.ROOT)}")

@@ -33,7 +33,7 @@ CHILD = r"""
 import statistics, time
 import numpy as np
 import onnxruntime
-import compress.export._onnxfile  # make_session imports it lazily: keep import time out of the load time
+import compress.io.onnx_file  # make_session imports it lazily: keep import time out of the load time
 from compress.runtime import make_session
 inputs = [np.load(f) for f in ARGS["inputs"]]
 base_rss, _ = rss_bytes()

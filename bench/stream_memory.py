@@ -30,14 +30,14 @@ from pathlib import Path
 
 from _common import Table, Target, finish, parse_args, run_child
 
-from compress._units import format_iec
+from compress.units import format_iec
 
 FLAT_GOAL = 1.25  # peak at the largest size <= this times the peak at the smallest
 
 _TIE = r"""
 import resource, time
-from compress.plan import TieConfig
-from compress.stream import tie_checkpoint
+from compress.tying import TieConfig
+from compress.pipeline import tie_checkpoint
 _, after_imports = rss_bytes()
 start = time.perf_counter()
 r = tie_checkpoint(ARGS["index"], ARGS["out"], TieConfig(bits=ARGS["bits"]), workers=ARGS["workers"])
@@ -55,9 +55,9 @@ print(json.dumps({"seconds": seconds, "peak_rss": peak, "after_imports": after_i
 
 _AUDIT = r"""
 import time
-from compress.audit import AuditConfig, audit
+from compress.auditing import AuditConfig, audit
 from compress.io import load
-from compress.stream import open_checkpoint
+from compress.io import open_checkpoint
 _, after_imports = rss_bytes()
 start = time.perf_counter()
 loaded = open_checkpoint(ARGS["index"]) if ARGS["streamed"] else load(ARGS["index"])

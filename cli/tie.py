@@ -11,8 +11,7 @@ import click
 from compress.atomic import check_output
 from compress.errors import BadInputError, VerificationError
 from compress.export.report import ExportReport
-from compress.io.checkpoint import is_safetensors_checkpoint
-from compress.pipeline import ExportOptions, StreamResult, tie_file
+from compress.pipeline import ExportOptions, StreamResult, route, tie_file
 from compress.runtime import resolve_provider
 from compress.tying import FinetuneConfig, TieConfig, distributed
 from compress.units import format_iec
@@ -74,7 +73,7 @@ def command(model: Path, out_dir: Path, bits: int | None, tolerance: float | Non
             raise BadInputError("--nproc runs the fine-tuning in several processes; it needs --data FILE")
         ctx = click.get_current_context()
         ctx.exit(distributed.relaunch(_without_nproc(ctx.meta["compress.argv"]), nproc, module="cli"))
-    if not no_verify and not no_onnx and not _streamed(model, stream, data_path):
+    if not no_verify and not no_onnx and route(model, data=data_path, stream=stream) == "model":
         resolve_provider(provider)  # an unavailable provider fails before any work
     result = tie_file(model, cfg, out_dir=out_dir, data=data_path, finetune=finetune,
                       export=ExportOptions(onnx=not no_onnx, safetensors=not no_safetensors, verify=not no_verify,
@@ -93,14 +92,6 @@ def command(model: Path, out_dir: Path, bits: int | None, tolerance: float | Non
     if result.verified is False:
         raise VerificationError(f"{model}: an export differs from the merged model beyond the tolerance "
                                 f"(see the table above); the files in {out_dir} are kept for inspection")
-
-
-def _streamed(model: Path, stream: bool, data_path: Path | None) -> bool:
-    """Whether the run writes no ONNX to verify (a streamed checkpoint or an ONNX input)."""
-    if data_path is not None:
-        return False
-    return model.suffix.lower() == ".onnx" or (is_safetensors_checkpoint(model)
-                                                and (stream or model.name.endswith(".index.json")))
 
 
 def _print_tie(out, result) -> None:

@@ -16,8 +16,8 @@ import torch
 from .atomic import atomic_outputs
 from .auditing import AuditReport, TensorAudit
 from .errors import BadInputError, CompressError
-from .units import format_iec
 from .kmeans import kmeans_1d
+from .units import format_iec
 
 _BINS = 160
 

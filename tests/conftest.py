@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers import ROOT, SAMPLES
 
-SAMPLES = ROOT / "samples"
+from tests.helpers import SAMPLES
 
 # The models under test are tiny: one thread is 10-25x faster than torch's default on a shared
 # 2-core machine, where threads mostly wait for each other.

@@ -6,11 +6,11 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
 from tests.helpers import SAMPLES
 
 CLASSIFIERS = ["digits_mlp", "digits_cnn", "digits_gru"]

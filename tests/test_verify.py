@@ -10,7 +10,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from tests.helpers.export_models import MLP, merged, quantize_
 from click.testing import CliRunner
 
 from cli.main import cli
@@ -18,6 +17,7 @@ from compress.errors import BadInputError, CompressError
 from compress.export import ExportReport, export_onnx, export_safetensors
 from compress.runtime import make_session, session_options
 from compress.verify import VerifyResult, verify, verify_safetensors
+from tests.helpers.export_models import MLP, merged, quantize_
 
 
 @pytest.fixture(scope="module")
@@ -201,8 +201,7 @@ def test_sample_model_through_merge_export_and_verify(samples_dir, tmp_path):
     if not sample.exists() or not data.exists():
         pytest.skip(f"{sample.name} / {data.name} not built (python samples/train.py)")
     from compress.io import load, load_data
-    from compress.tying import merge_
-    from compress.tying import TieConfig, analyze
+    from compress.tying import TieConfig, analyze, merge_
 
     original, loaded = load(sample).module, load(sample)
     cbs = merge_(loaded.module, analyze(loaded.module, TieConfig(bits=4)))

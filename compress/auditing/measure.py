@@ -28,8 +28,17 @@ import torch
 
 from ..codebook import bits_for
 from ..kmeans import cover_starts, kmeans_1d_many
-from .report import AuditConfig, AuditReport, AuditTotals, MergeEstimate, ProjectedSize, RowRepeats, Saving, \
-    TensorAudit, TensorTie
+from .report import (
+    AuditConfig,
+    AuditReport,
+    AuditTotals,
+    MergeEstimate,
+    ProjectedSize,
+    RowRepeats,
+    Saving,
+    TensorAudit,
+    TensorTie,
+)
 from .ties import TieFinder, graph_ties
 
 _MAX_LISTED_CENTERS = 16

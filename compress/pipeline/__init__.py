@@ -9,7 +9,7 @@
 from .checkpoint import StreamResult, StreamTensor, audit_checkpoint, output_dir_for, tie_checkpoint
 from .onnx import tie_onnx
 from .report import TieReport
-from .route import tie_file
+from .route import route, tie_file
 from .tie import DEFAULT_OUT_DIR, ExportOptions, TieResult, output_paths, tie
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "audit_checkpoint",
     "output_dir_for",
     "output_paths",
+    "route",
     "tie",
     "tie_checkpoint",
     "tie_file",

@@ -46,11 +46,26 @@ def tie_file(path: str | Path, cfg: TieConfig | None = None, *, out_dir: str | P
     cfg = cfg or TieConfig()
     if data is None and finetune is not None and (finetune.epochs or 0) > 0:
         raise BadInputError("fine-tuning (", Option("epochs"), ") needs calibration data (", Option("data"), ")")
-    if data is None and path.suffix.lower() == ".onnx":
+    how = route(path, data=data, stream=stream)
+    if how == "onnx":
         return tie_onnx(path, Path(out_dir) / (path.name[: -len(path.suffix)] + ".tied.onnx"), cfg, force=force)
-    if data is None and is_safetensors_checkpoint(path) and (stream or path.name.endswith(".index.json")):
+    if how == "checkpoint":
         return tie_checkpoint(path, output_dir_for(path, out_dir), cfg, workers=workers, force=force)
     loaded = load(path, trust_pickle=trust_pickle)
     splits = load_data(data) if data is not None else None
     return tie(loaded, cfg, data=splits, finetune=finetune if splits is not None else None, out_dir=out_dir,
                force=force, data_path=data, export=export)
+
+
+def route(path: str | Path, *, data: str | Path | None = None, stream: bool = False) -> str:
+    """Which pipeline `tie_file` runs for `path`: "onnx", "checkpoint" or "model" (in memory).
+
+    >>> route("samples/digits_mlp.pt2")
+    'model'
+    """
+    path = Path(path)
+    if data is None and path.suffix.lower() == ".onnx":
+        return "onnx"
+    if data is None and is_safetensors_checkpoint(path) and (stream or path.name.endswith(".index.json")):
+        return "checkpoint"
+    return "model"

@@ -31,8 +31,19 @@ from ..codebook import Codebooks
 from ..errors import BadInputError, CompressError, Option, UnsupportedModelError
 from ..execution import loss_mode, train_mode
 from ..export import export_onnx, export_safetensors
-from ..tying import FinetuneConfig, FinetuneResult, TieConfig, TiePlan, analyze, current_weight, \
-    distributed, estimate_importance, finetune_, merge_
+from ..records import Record
+from ..tying import (
+    FinetuneConfig,
+    FinetuneResult,
+    TieConfig,
+    TiePlan,
+    analyze,
+    current_weight,
+    distributed,
+    estimate_importance,
+    finetune_,
+    merge_,
+)
 from ..verify import verify, verify_safetensors
 from .measure import quality, stored_bytes
 from .report import Outputs, TieReport, build_report
@@ -118,71 +129,109 @@ def tie(loaded, cfg: TieConfig | None = None, *, data=None, finetune: FinetuneCo
                      out_dir="out")
     """
     started = time.perf_counter()
-    cfg = cfg or TieConfig()
-    data_path = data_path if data_path is not None else getattr(data, "path", None)
-    model, reference, examples = _working_copy(loaded, data)
-    graph = reference is not None and examples is not None
-    paths = output_paths(loaded.path, out_dir, graph)
-    export = export or ExportOptions()
-    export_paths = _export_targets(paths[0], export, graph)
-    inputs = [Path(loaded.path)] + ([Path(data_path)] if data_path else [])
-    for p in [*paths, *export_paths]:
-        check_output(p, force=force, inputs=inputs)
-    ft = _finetune_config(finetune, data, reference, loaded.path)
-    if data is not None and reference is not None:
-        _check_data(data, model, examples, data_path)
-    if cfg.importance and data is None:
+    run = _Run.prepare(loaded, cfg or TieConfig(), data, data_path, export or ExportOptions(), Path(out_dir), force)
+    ft = _finetune_config(finetune, data, run.reference, loaded.path)
+    if data is not None and run.reference is not None:
+        _check_data(data, run.model, run.examples, run.data_path)
+    plan, codebooks, ft_result, originals, before = _tie_model(run, ft)
+    if not distributed.is_main():  # under torchrun, rank 0 alone measures, exports and writes the files
+        return TieResult(run.model, plan, codebooks, None, *run.paths, run.examples, ft_result)
+    payload, dynamic = serialize(run.model, run.graph_examples, getattr(loaded, "program", None))
+    outputs = Outputs(*(p.name for p in run.paths), "pt2" if dynamic is not None else "state_dict", dynamic)
+    report = build_report(loaded, run.data_path, run.cfg, ft, plan, codebooks, originals, before,
+                          stored_bytes(run.model), quality(run.reference, run.model, data, run.examples), ft_result,
+                          outputs, time.perf_counter() - started)
+    exports, checks = _write(run, payload, plan, codebooks, report)
+    return TieResult(run.model, plan, codebooks, report, *run.paths, run.examples, ft_result, exports, checks)
+
+
+@dataclass
+class _Run:
+    """One `tie` call: its inputs, the working copy of the model and the files it will write."""
+
+    loaded: object
+    cfg: TieConfig
+    data: object
+    data_path: Path | None
+    export: ExportOptions
+    out_dir: Path
+    force: bool
+    model: nn.Module
+    reference: nn.Module | None
+    examples: tuple | None
+    paths: tuple[Path, Path, Path]
+    export_paths: list[Path]
+
+    @classmethod
+    def prepare(cls, loaded, cfg: TieConfig, data, data_path, export: ExportOptions, out_dir: Path,
+                force: bool) -> _Run:
+        """The working copy and the output paths, every output checked before any work."""
+        data_path = data_path if data_path is not None else getattr(data, "path", None)
+        model, reference, examples = _working_copy(loaded, data)
+        graph = reference is not None and examples is not None
+        paths = output_paths(loaded.path, out_dir, graph)
+        run = cls(loaded, cfg, data, None if data_path is None else Path(data_path), export, out_dir, force, model,
+                  reference, examples, paths, _export_targets(paths[0], export, graph))
+        for p in [*run.paths, *run.export_paths]:
+            check_output(p, force=force, inputs=run.inputs)
+        return run
+
+    @property
+    def inputs(self) -> list[Path]:
+        """Files that must never be overwritten."""
+        return [Path(self.loaded.path)] + ([self.data_path] if self.data_path else [])
+
+    @property
+    def graph_examples(self) -> tuple | None:
+        """Example inputs when the model can be traced (a graph to export), else None."""
+        return self.examples if self.reference is not None else None
+
+
+def _tie_model(run: _Run, ft: FinetuneConfig | None):
+    """Plan, then fine-tune with soft tying or merge right away; (plan, codebooks, ft result, originals, bytes)."""
+    if run.cfg.importance and run.data is None:
         raise BadInputError("importance weighting (", Option("importance"), ") needs calibration data (",
                             Option("data"), ")")
-    importance = estimate_importance(model, data) if cfg.importance else None
-    plan = analyze(model, cfg, importance=importance, program=getattr(loaded, "program", None))
-    before = stored_bytes(model)
-    originals = {t.name: current_weight(model, t.name).detach().clone() for t in plan.clustered()}
-    ft_result = None
-    if ft is not None:
-        ft_result = finetune_(model, plan, data, ft, original=reference)
-        codebooks = ft_result.codebooks
-    else:
-        codebooks = merge_(model, plan)
-    if not distributed.is_main():  # under torchrun, rank 0 alone measures, exports and writes the files
-        return TieResult(model, plan, codebooks, None, *paths, examples, ft_result)
-    measured = quality(reference, model, data, examples)
-    payload, dynamic = serialize(model, examples if graph else None, getattr(loaded, "program", None))
-    outputs = Outputs(paths[0].name, paths[1].name, paths[2].name, "pt2" if dynamic is not None else "state_dict",
-                      dynamic)
-    report = build_report(loaded, data_path, cfg, ft, plan, codebooks, originals, before, stored_bytes(model),
-                          measured, ft_result, outputs, time.perf_counter() - started)
-    with staging_dir(out_dir) as staging:
-        notes: list[str] = []
+    importance = estimate_importance(run.model, run.data) if run.cfg.importance else None
+    plan = analyze(run.model, run.cfg, importance=importance, program=getattr(run.loaded, "program", None))
+    before = stored_bytes(run.model)
+    originals = {t.name: current_weight(run.model, t.name).detach().clone() for t in plan.clustered()}
+    if ft is None:
+        return plan, merge_(run.model, plan), None, originals, before
+    result = finetune_(run.model, plan, run.data, ft, original=run.reference)
+    return plan, result.codebooks, result, originals, before
+
+
+def _write(run: _Run, payload: bytes, plan: TiePlan, codebooks: Codebooks, report: TieReport) -> tuple[list, list]:
+    """Export and verify in a staging folder, then rename every output into place together."""
+    with staging_dir(run.out_dir) as staging:
         try:
-            exports, checks = _export_and_verify(model, codebooks, examples if graph else None, reference, data,
-                                                 export, export_paths, Path(staging), notes)
+            exports, checks = _export_and_verify(run, codebooks, Path(staging), report.notes)
         except CompressError as e:  # name the output folder, not the staging folder inside it
-            e.parts = tuple(p.replace(str(Path(staging)), str(out_dir)) if isinstance(p, str) else p
+            e.parts = tuple(p.replace(str(Path(staging)), str(run.out_dir)) if isinstance(p, str) else p
                             for p in e.parts)
             e.args = (e.render(),)
             raise
-        report.notes = notes
         staged = [Path(f) for e in exports for f in e.files]
         for e in exports:  # the reports name the staging folder's files; point them at the outputs
-            e.files = [str(Path(out_dir) / Path(f).name) for f in e.files]
-            e.path = str(Path(out_dir) / Path(e.path).name)
+            e.files = [str(run.out_dir / Path(f).name) for f in e.files]
+            e.path = str(run.out_dir / Path(e.path).name)
         for v in checks:
-            v.path = str(Path(out_dir) / Path(v.path).name)
+            v.path = str(run.out_dir / Path(v.path).name)
         report.outputs.exports = [Path(f).name for e in exports for f in e.files]
         report.exports, report.verification = exports, checks
-        with atomic_outputs([*paths, *(Path(out_dir) / p.name for p in staged)], force=force,
-                            inputs=inputs) as tmps:
+        with atomic_outputs([*run.paths, *(run.out_dir / p.name for p in staged)], force=run.force,
+                            inputs=run.inputs) as tmps:
             tmps[0].write_bytes(payload)
             tmps[1].write_text(plan.to_json(), encoding="utf-8")
             tmps[2].write_text(report.to_json(), encoding="utf-8")
             for src, tmp in zip(staged, tmps[3:]):
                 os.replace(src, tmp)
-    return TieResult(model, plan, codebooks, report, *paths, examples, ft_result, exports, checks)
+    return exports, checks
 
 
 @dataclass
-class ExportOptions:
+class ExportOptions(Record):
     """What `tie` exports after merging, and how it verifies the exports.
 
     `onnx`: write `<stem>.onnx` (only for models with a graph and example inputs); `safetensors`:
@@ -197,6 +246,8 @@ class ExportOptions:
     atol: float = 1e-4
     rtol: float = 1e-4
     codebook_dtype: str = "float32"
+
+    _what = "export options"
 
 
 def _export_targets(model_path: Path, export: ExportOptions, graph: bool) -> list[Path]:
@@ -214,16 +265,14 @@ def _cpu_lacks_bfloat16(model: nn.Module, provider: str) -> bool:
     return cpu and any(t.dtype == torch.bfloat16 for t in (*model.parameters(), *model.buffers()))
 
 
-def _export_and_verify(model: nn.Module, codebooks: Codebooks, examples: tuple | None, reference, data,
-                       export: ExportOptions, targets: list[Path], staging: Path,
-                       notes: list[str]) -> tuple[list, list]:
+def _export_and_verify(run: _Run, codebooks: Codebooks, staging: Path, notes: list[str]) -> tuple[list, list]:
     """Export into `staging` (the final names, so external data references stay right) and verify.
 
     What could not be checked is said in `notes` (never skipped silently).
     """
-
+    export, model, examples = run.export, run.model, run.graph_examples
     exports, checks = [], []
-    for target in targets:
+    for target in run.export_paths:
         path = staging / target.name
         if target.suffix == ".onnx":
             exports.append(export_onnx(model, codebooks, path, examples, codebook_dtype=export.codebook_dtype))
@@ -231,15 +280,20 @@ def _export_and_verify(model: nn.Module, codebooks: Codebooks, examples: tuple |
                 notes.append(f"{target.name} not run in onnxruntime: its CPU provider has no bfloat16 kernels "
                              "(verify it on a GPU with the CUDA provider); the safetensors file is verified")
             elif export.verify:
-                x = data.test_inputs if data is not None and len(data.test_inputs) else examples
-                y = data.test_targets if data is not None and len(data.test_inputs) else None
-                checks.append(verify(path, model, x, provider=export.provider, atol=export.atol,
-                                     rtol=export.rtol, original=reference, measure_runtime=False, targets=y))
+                checks.append(_verify_onnx(run, path))
         else:
             exports.append(export_safetensors(model, codebooks, path))
             if export.verify:
                 checks.append(verify_safetensors(path, model))
     return exports, checks
+
+
+def _verify_onnx(run: _Run, path: Path):
+    data = run.data
+    x = data.test_inputs if data is not None and len(data.test_inputs) else run.examples
+    y = data.test_targets if data is not None and len(data.test_inputs) else None
+    return verify(path, run.model, x, provider=run.export.provider, atol=run.export.atol, rtol=run.export.rtol,
+                  original=run.reference, measure_runtime=False, targets=y)
 
 
 # --- the working model ----------------------------------------------------------------------------

@@ -23,8 +23,8 @@ summation order. Only rank 0 shows the progress bar; a step that fails on one ra
 from __future__ import annotations
 
 import copy
-import json
 import gc
+import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field

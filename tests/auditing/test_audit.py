@@ -16,11 +16,11 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from compress.auditing import AuditConfig, AuditReport, TensorTie, audit, find_tensor_ties
-from compress.units import format_bytes, format_iec
 from compress.auditing.measure import _row_repeats
 from compress.auditing.report import REPORT_VERSION
 from compress.codebook import bits_for
 from compress.errors import BadInputError, CompressError
+from compress.units import format_bytes, format_iec
 
 TOL = 1e-3
 

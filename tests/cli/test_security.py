@@ -22,13 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.helpers.io_files import hostile_files, hostile_ids, payload_bytes, sentinel_dir, sentinels
 from click.testing import CliRunner
 
 from cli.main import cli
-from tests.helpers.models import save_data, save_pt2, trained_two_layer
 from tests.helpers import ROOT
-
+from tests.helpers.io_files import hostile_files, hostile_ids, payload_bytes, sentinel_dir, sentinels
+from tests.helpers.models import save_data, save_pt2, trained_two_layer
 
 
 @dataclass

@@ -11,13 +11,11 @@ import torch
 from click.testing import CliRunner
 
 from cli.main import cli
-from compress.tying import FinetuneConfig
 from compress.io import Loaded, load, load_data
-from compress.tying import TieConfig, TiePlan
 from compress.pipeline import tie
-from tests.helpers.models import TiedCopies, TwoLayer, digits_like, save_data, save_pt2, trained_two_layer
+from compress.tying import FinetuneConfig, TieConfig, TiePlan
 from tests.helpers import SAMPLES
-
+from tests.helpers.models import TiedCopies, TwoLayer, digits_like, save_data, save_pt2, trained_two_layer
 
 
 def _run(*args: str):

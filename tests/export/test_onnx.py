@@ -10,7 +10,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from tests.helpers.export_models import Wide, declared_tie, merged, quantize_
 from onnx import TensorProto, numpy_helper
 from torch import nn
 
@@ -18,6 +17,7 @@ from compress.codebook import Alias, Codebooks
 from compress.errors import BadInputError
 from compress.export import codebooks_from_state_dict, export_onnx
 from compress.packing import pack_bits, packed_size, unpack_bits
+from tests.helpers.export_models import Wide, declared_tie, merged, quantize_
 
 INDEX_TYPE = {1: TensorProto.UINT2, 2: TensorProto.UINT2, 3: TensorProto.UINT4, 4: TensorProto.UINT4,
               8: TensorProto.UINT8}
@@ -82,8 +82,7 @@ def test_declared_alias_reads_its_target(tmp_path):
 
 def test_merge_pipeline_transposed_tie(tmp_path):
     """A tie found by `analyze` and made by `merge_` (dec.weight = enc.weight.t()) exports as one tensor."""
-    from compress.tying import merge_
-    from compress.tying import TieConfig, analyze
+    from compress.tying import TieConfig, analyze, merge_
 
     class TwoWeights(nn.Module):
         def __init__(self):

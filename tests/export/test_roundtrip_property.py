@@ -31,8 +31,7 @@ from torch import nn
 
 from compress.codebook import GRANULARITIES, TensorCodebook
 from compress.export import export_onnx, export_safetensors, load_safetensors
-from compress.tying import merge_
-from compress.tying import TieConfig, analyze
+from compress.tying import TieConfig, analyze, merge_
 
 SIDE = 4  # input images are SIDE x SIDE
 SETTINGS = {"deadline": None, "derandomize": True, "database": None,

@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from tests.helpers.export_models import Wide, declared_tie, merged, quantize_
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -18,6 +17,7 @@ from compress.errors import BadInputError
 from compress.export import codebooks_from_state_dict, export_safetensors, load_safetensors
 from compress.packing import unpack_bits
 from compress.verify import effective_tensors, verify_safetensors
+from tests.helpers.export_models import Wide, declared_tie, merged, quantize_
 
 
 def assert_bit_exact(loaded: dict, model: nn.Module) -> None:
@@ -75,8 +75,7 @@ def test_declared_alias_is_stored_once_and_re_tied(tmp_path):
 
 
 def test_transposed_tie_from_merge_loads_as_a_view(tmp_path):
-    from compress.tying import merge_
-    from compress.tying import TieConfig, analyze
+    from compress.tying import TieConfig, analyze, merge_
 
     class TwoWeights(nn.Module):
         def __init__(self):

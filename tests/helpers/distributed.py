@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from compress.tying import FinetuneConfig, TieConfig, analyze, finetune_
 from compress.tying import finetune as finetune_module
-from compress.tying import FinetuneConfig, finetune_
-from compress.tying import TieConfig, analyze
 from compress.tying.soft_tie import SoftTie
 from tests.helpers.models import TwoLayer, trained_two_layer
 

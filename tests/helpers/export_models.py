@@ -7,8 +7,6 @@ into K = 2**bits values per tensor / channel / group and attaches the codebook w
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -22,7 +22,6 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from tests.helpers.io_files import export_pt2, onnx_matmul_model, save_state_dict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -30,6 +29,7 @@ from safetensors.torch import save_file
 
 from compress import CompressError
 from compress.io import load
+from tests.helpers.io_files import export_pt2, onnx_matmul_model, save_state_dict
 
 _TOTAL = int(os.environ.get("COMPRESS_FUZZ_EXAMPLES", "2100"))
 _FIXED = "COMPRESS_FUZZ_EXAMPLES" not in os.environ

@@ -12,6 +12,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
+from safetensors.torch import save_file, save_model
+
+from compress import BadInputError, CompressError, UnsafePickleError, UnsupportedModelError
+from compress.io import DataSplits, Loaded, find_aliases, load, load_data
+from compress.io._errors import library_call
 from tests.helpers.io_files import (
     TiedEmbeddingHead,
     TinyMLP,
@@ -21,12 +27,6 @@ from tests.helpers.io_files import (
     safetensors_bytes,
     save_state_dict,
 )
-from onnx import TensorProto, helper, numpy_helper
-from safetensors.torch import save_file, save_model
-
-from compress import BadInputError, CompressError, UnsafePickleError, UnsupportedModelError
-from compress.io._errors import library_call
-from compress.io import DataSplits, Loaded, find_aliases, load, load_data
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -18,6 +18,12 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from compress import BadInputError, CompressError, UnsafePickleError
+from compress.io import load
+from compress.io.safety.pt2 import check_program, guarded_serde
+from compress.io.safety.pt2_policy import check_guard, check_name, check_sym_expr
 from tests.helpers.io_files import (
     PAYLOAD_KINDS,
     TinyMLP,
@@ -35,12 +41,6 @@ from tests.helpers.io_files import (
     sentinel_dir,
     sentinels,
 )
-from onnx import TensorProto, helper, numpy_helper
-
-from compress import BadInputError, CompressError, UnsafePickleError
-from compress.io.safety.pt2_policy import check_guard, check_name, check_sym_expr
-from compress.io.safety.pt2 import check_program, guarded_serde
-from compress.io import load
 
 
 @pytest.fixture(scope="module")

@@ -13,20 +13,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from compress.pipeline import checkpoint as stream
-from compress.pipeline import workers
 from compress.atomic import TMP_PREFIX
 from compress.auditing import AuditConfig, audit
 from compress.errors import BadInputError
-from compress.io import load_codebook_safetensors as load_safetensors
-from compress.io import load
-from compress.tying import current_weight, merge_
-from compress.tying import TieConfig, analyze
 from compress.export.sharded import INDEX_NAME
-from compress.io import is_safetensors_checkpoint, open_checkpoint
+from compress.io import is_safetensors_checkpoint, load, open_checkpoint
 from compress.io import load_codebook_checkpoint as load_sharded
-from compress.pipeline import StreamResult, audit_checkpoint, output_dir_for, tie_checkpoint
+from compress.io import load_codebook_safetensors as load_safetensors
+from compress.pipeline import StreamResult, audit_checkpoint, output_dir_for, tie_checkpoint, workers
+from compress.pipeline import checkpoint as stream
 from compress.pipeline.checkpoint import REPORT_NAME
+from compress.tying import TieConfig, analyze, current_weight, merge_
 
 # --- a small sharded checkpoint: 3 shards, 13 stored tensors, one storage alias ---------------------
 

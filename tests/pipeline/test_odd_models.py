@@ -25,8 +25,8 @@ from torch import nn
 from cli.main import cli
 from compress.export import load_safetensors
 from compress.io import load
-from compress.tying import TieConfig
 from compress.pipeline import ExportOptions, tie
+from compress.tying import TieConfig
 from tests.helpers.models import save_pt2
 
 

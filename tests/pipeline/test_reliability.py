@@ -34,10 +34,10 @@ from compress import atomic as _atomic
 from compress.atomic import TMP_PREFIX
 from compress.export import load_safetensors
 from compress.io import load
-from compress.tying import TieConfig
 from compress.pipeline import tie
-from tests.helpers.models import save_data, save_pt2, trained_two_layer
+from compress.tying import TieConfig
 from tests.helpers import ROOT
+from tests.helpers.models import save_data, save_pt2, trained_two_layer
 
 TIE_OUTPUTS = ("tied.pt2", "plan.json", "report.json", "onnx", "safetensors")
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from compress.errors import BadInputError
 from compress.tying import distributed
 from compress.tying.distributed import Group, RankFailedError
-from compress.errors import BadInputError
-from tests.helpers.distributed import SCENARIOS, free_port, run_scenario
 from tests.helpers import ROOT
+from tests.helpers.distributed import SCENARIOS, free_port, run_scenario
 
 _BOUND_S = 30  # a failing run must end well within this; a hang would run to the 120 s kill
 

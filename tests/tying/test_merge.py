@@ -10,8 +10,7 @@ from torch import nn
 
 from compress.codebook import CodebookParametrization
 from compress.granularity import Granularity
-from compress.tying import merge_, nearest_labels
-from compress.tying import TieConfig, analyze
+from compress.tying import TieConfig, analyze, merge_, nearest_labels
 from tests.helpers.models import SharedHead, TiedCopies, TwoLayer
 
 GRANULARITIES = [("tensor", None), ("channel", None), ("group", 5), ("group", 32)]

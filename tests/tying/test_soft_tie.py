@@ -11,8 +11,7 @@ from torch import nn
 
 from compress.errors import BadInputError
 from compress.execution import loss_mode
-from compress.tying import FinetuneConfig, finetune_
-from compress.tying import TieConfig, analyze
+from compress.tying import FinetuneConfig, TieConfig, analyze, finetune_
 from compress.tying.soft_tie import SoftTie, _pairwise
 from tests.helpers.models import TwoLayer, trained_two_layer
 
