@@ -21,6 +21,7 @@ import torch
 
 from ...errors import TRUST, BadInputError, Option, UnsafePickleError
 from .._errors import library_call, short
+from .pickle_scan import check_pickle_cost
 
 TRUST_HINT = ("pass ", TRUST, " only for files you trust")
 _STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
@@ -81,11 +82,14 @@ def weights_only_load(source: bytes | Path, where: str, *, pickle_bytes: bytes |
                       mmap: bool = False, hint: tuple[str | Option, ...] = TRUST_HINT) -> Any:
     """`torch.load(weights_only=True)`; a refused pickle raises UnsafePickleError naming `where`.
 
-    `pickle_bytes` is the raw pickle (for a zip, its `data.pkl`) used only to name what it needs.
-    `mmap` memory-maps a zip-format file instead of reading it.
+    `pickle_bytes` is the raw pickle (for a zip, its `data.pkl`): its cost is checked first
+    (`pickle_scan`), and it names what a refused pickle needs. `mmap` memory-maps a zip-format file
+    instead of reading it.
     """
     if isinstance(source, bytes):
         pickle_bytes = source if pickle_bytes is None else pickle_bytes
+    if pickle_bytes is not None:
+        check_pickle_cost(pickle_bytes, where)
     try:
         with _torch_source(source, mmap) as (src, use_mmap), warnings.catch_warnings(), \
                 library_call(where, "reading the pickle"):
