@@ -12,7 +12,7 @@ from compress.errors import BadInputError
 from compress.io import is_safetensors_checkpoint, load, open_checkpoint
 
 from . import options
-from .output import emit
+from .output import echo, emit, escaped
 
 
 @click.command("audit")
@@ -42,7 +42,7 @@ def command(path: Path, tolerance: float | None, tie_tolerance: float | None, js
 
     def show(out):
         if markdown:
-            click.echo(report.to_markdown(shown))
+            click.echo(escaped(report).to_markdown(shown))  # names from the file, control characters escaped
         elif json_path != "-":
             out.print(report.to_table(shown))
 
@@ -54,4 +54,4 @@ def command(path: Path, tolerance: float | None, tie_tolerance: float | None, js
         from compress.plot import plot_audit
 
         plot_audit(report, loaded.tensors, plot_path, force=force, inputs=[path])
-        click.echo(f"wrote {plot_path}", err=True)
+        echo(f"wrote {plot_path}", err=True)

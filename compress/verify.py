@@ -156,9 +156,10 @@ def verify(onnx_path: str | Path, reference, inputs, *, provider: str = "cpu", a
     onnx_path = Path(onnx_path)
     name = resolve_provider(provider)
     proto = read_onnx(onnx_path, load_data=False)
-    fed = _feed(proto, as_args(inputs), onnx_path)
-    budget = budget or RunBudget.for_model(_declared_bytes(onnx_path, proto) + sum(a.nbytes for a in fed.values()))
-    check_run_cost(proto, onnx_path, budget.memory_bytes)
+    arrays = [x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x) for x in as_args(inputs)]
+    budget = budget or RunBudget.for_model(_declared_bytes(onnx_path, proto) + sum(a.nbytes for a in arrays))
+    check_run_cost(proto, onnx_path, budget.memory_bytes)  # a graph that asks for too much is refused unrun
+    fed = _feed(proto, arrays, onnx_path)
     if isolate:
         names, got, used = _run_isolated(onnx_path, fed, name, keep_compressed, budget)
     else:
@@ -216,7 +217,8 @@ def _compare(name: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: fl
     if got.shape != want.shape:
         return OutputCheck(name, list(got.shape), list(want.shape), float("inf"), 0.0, atol, rtol, False)
     g, w = got.astype(np.float64), want.astype(np.float64)
-    diff = np.abs(g - w)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, reported and never ok
+        diff = np.abs(g - w)
     max_abs = float(np.max(diff)) if diff.size else 0.0  # NaN when either side has one: shown, and never ok
     max_ref = float(np.nanmax(np.abs(w))) if w.size and not np.isnan(w).all() else 0.0
     if want.dtype == np.float16:
@@ -263,13 +265,12 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 # --- running the ONNX file ----------------------------------------------------------------------
 
-def _feed(proto, inputs: tuple, path: Path) -> dict[str, np.ndarray]:
+def _feed(proto, arrays: list[np.ndarray], path: Path) -> dict[str, np.ndarray]:
     """The inputs by the graph's input names, each checked against the declared type and shape."""
     from onnx import helper
 
     inits = {i.name for i in proto.graph.initializer}
     specs = [v for v in proto.graph.input if v.name not in inits]
-    arrays = [x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x) for x in inputs]
     if len(arrays) != len(specs):
         raise BadInputError(f"{path}: the model takes {len(specs)} inputs ({', '.join(v.name for v in specs)}), got "
                             f"{len(arrays)}")

@@ -98,7 +98,7 @@ def find_aliases(named: Iterable[tuple[str, Any]]) -> dict[str, str]:
     first: dict[tuple, str] = {}
     out: dict[str, str] = {}
     for name, t in named:
-        if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.is_meta or t.layout != torch.strided:
+        if not isinstance(t, torch.Tensor) or t.is_nested or t.is_meta or t.layout != torch.strided or t.numel() == 0:
             continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.stride()), tuple(t.shape), t.dtype)
         if key in first:

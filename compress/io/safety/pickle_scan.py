@@ -11,7 +11,9 @@ each time it is used), with more than `MAX_OPS` opcodes, or nested deeper than `
 
 The values it follows are the ones the stream spells out: numbers, strings, `None`/booleans, tuples
 of them, and `complex(...)` / `torch.Size(...)` calls (the weights-only unpickler's hashable
-results); anything else is an opaque stack slot.
+results); anything else is an opaque stack slot. It returns the persistent ids the stream refers to
+(torch's storages: `('storage', <type>, key, location, numel)`), so their sizes can be checked
+against the archive before torch reads them.
 """
 
 from __future__ import annotations
@@ -52,11 +54,12 @@ class _Global(str):
     """The name a GLOBAL / STACK_GLOBAL pushed."""
 
 
-def check_pickle_cost(data: bytes, where: str) -> None:
+def check_pickle_cost(data: bytes, where: str) -> list[Any]:
     """Refuse a pickle stream built to make unpickling take hours (see the module docstring).
 
     >>> import pickle
     >>> check_pickle_cost(pickle.dumps({"fc.weight": 1, 2: (3, 4.5)}), "m.pt")
+    []
     >>> check_pickle_cost(pickle.dumps([7 + i * (2**61 - 1) for i in range(40)]), "m.pt")
     Traceback (most recent call last):
     ...
@@ -67,13 +70,14 @@ def check_pickle_cost(data: bytes, where: str) -> None:
     for _ in range(_MAX_PICKLES):
         start = stream.tell()
         if start >= len(data):
-            return
+            break
         try:
             scan.run(stream)
         except (ValueError, EOFError, KeyError, IndexError, pickle.UnpicklingError, UnicodeDecodeError):
-            return  # not (or no longer) a pickle: the unpickler says what is wrong with it
+            break  # not (or no longer) a pickle: the unpickler says what is wrong with it
         if stream.tell() == start:
-            return
+            break
+    return scan.persistent_ids
 
 
 class _Scan:
@@ -83,6 +87,7 @@ class _Scan:
         self.tuple_items = 0
         self.buckets: dict[int, list[Any]] = {}
         self.sizes: dict[int, tuple[tuple, int]] = {}  # id of a followed tuple -> (it, items)
+        self.persistent_ids: list[Any] = []  # what BINPERSID / PERSID referred to (torch: its storages)
 
     def run(self, stream: io.BytesIO) -> None:
         stack: list[Any] = []
@@ -123,6 +128,10 @@ class _Scan:
         elif name == "REDUCE":
             func, args = _pop(stack, 2)
             value = _call(func, args)
+        elif name in ("BINPERSID", "PERSID"):
+            pid = arg if name == "PERSID" else _pop(stack, 1)[0]
+            self.persistent_ids.append(pid)
+            value = _Opaque()
         else:
             before = list(op.stack_before)
             if pickletools.markobject in before:
@@ -147,7 +156,7 @@ class _Scan:
         self.tuple_items += size
         if self.tuple_items > MAX_TUPLE_ITEMS:
             self._refuse(f"builds tuples of more than {MAX_TUPLE_ITEMS:,} items in all (nested through its memo)")
-        if any(isinstance(i, (_Opaque, _Global)) for i in items):
+        if any(isinstance(i, _Opaque) for i in items):
             return _Opaque(size)
         value = tuple(items)
         self.sizes[id(value)] = (value, size)

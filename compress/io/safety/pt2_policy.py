@@ -66,7 +66,8 @@ class _Growing(_Refused):
 def _error(e: _Refused, where: str) -> BadInputError:
     if isinstance(e, _Growing):
         return BadInputError(f"{where}: {e} would grow without bound when evaluated (an exponent must be a literal "
-                             "of at most 64 or one symbol, and a power's base holds no other power); refused")
+                             "of at most 64 or one symbol, a power's base holds no other power, a precision is at "
+                             "most 1024); refused")
     return UnsafePickleError(f"{where}: {e} could run code when loaded; refused; ", *TRUST_HINT)
 
 
@@ -214,8 +215,10 @@ def _expr_call(node: ast.Call) -> None:
             _expr_node(arg)
     for kw in node.keywords:
         plain = isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, (bool, int))
-        if kw.arg is None or not plain or not isinstance(kw.value.value, bool) and abs(kw.value.value) > _MAX_KEYWORD:
-            raise _Refused("keyword")  # precision=10**9 would make every Float operation a bignum one
+        if kw.arg is None or not plain:
+            raise _Refused("keyword")
+        if not isinstance(kw.value.value, bool) and abs(kw.value.value) > _MAX_KEYWORD:
+            raise _Growing("keyword")  # precision=10**9 would make every Float operation a bignum one
     if name in ("Integer", "Rational") and any(_literal_int(a) is None for a in node.args):
         raise _Refused("number")
     if name in _POW_CALLS or name == "LShift":
