@@ -37,6 +37,8 @@ def command(path: Path, tolerance: float | None, tie_tolerance: float | None, js
             check_output(Path(out), force=force, inputs=[path])
     # safetensors are read through a memory map opened per tensor, so memory stays flat with size
     loaded = open_checkpoint(path) if is_safetensors_checkpoint(path) else load(path, trust_pickle=trust_pickle)
+    for note in loaded.notes:  # e.g. TorchScript code that was not run
+        echo(f"note: {note}", err=True)
     report = audit(loaded, cfg)
     shown = top or None
 

@@ -27,6 +27,14 @@ def _interrupted_while_starting(_signum, _frame) -> None:
     os._exit(INTERRUPTED_NOTHING_WRITTEN)
 
 
+_received: list[int] = []  # Ctrl-Cs seen by `main`'s handler (a library may turn one into another error)
+
+
+def _interrupt(_signum, _frame) -> None:
+    _received.append(1)
+    raise KeyboardInterrupt
+
+
 try:  # only the main thread may set a handler; an import from another thread keeps Python's own
     _previous_handler = signal.signal(signal.SIGINT, _interrupted_while_starting)
 except ValueError:
@@ -56,12 +64,18 @@ class _Group(click.Group):
             ctx.meta["compress.finished"] = True
             return result
         except CompressError as e:
+            if _received:  # the interrupt surfaced as an error (say, of an import it cut short)
+                ctx.exit(interrupted(since=before))
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             click.echo(f"error: {printable(e.render(options.flag))}", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             ctx.exit(interrupted(finished=bool(ctx.meta.get("compress.finished")), since=before))
+        except Exception:
+            if not _received:
+                raise
+            ctx.exit(interrupted(since=before))
 
 
 def interrupted(*, finished: bool = False, since: int = 0) -> int:
@@ -95,8 +109,11 @@ for _module in (audit, tie, export, verify):
 
 
 def main() -> None:
+    finished = False
     try:
+        signal.signal(signal.SIGINT, _interrupt)
         code = cli.main(obj={}, standalone_mode=False)
+        finished = True
     except click.exceptions.Abort:  # click turns a Ctrl-C outside a command (while parsing) into Abort
         code = interrupted()
     except click.ClickException as e:  # bad usage: click's usage line and the error
@@ -105,8 +122,16 @@ def main() -> None:
     except click.exceptions.Exit as e:
         code = e.exit_code
     except KeyboardInterrupt:
-        code = interrupted()
-    sys.exit(code if isinstance(code, int) else 0)
+        code = interrupted(finished=finished)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: an interrupt now would only cut the exit short
+    code = code if isinstance(code, int) else 0
+    if _received:
+        # CPython marks an interrupt that passed through `exec`'d code (torch.fx runs its generated code so) as
+        # unhandled even once caught, and would end by re-raising SIGINT: leave with the code chosen here
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

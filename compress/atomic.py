@@ -190,7 +190,8 @@ def _put_in_place(tmp: Path, target: Path) -> None:
         _PENDING.add(backup)
         os.replace(target, backup)
     os.replace(tmp, target)
-    _WRITTEN.append(target)
+    if not any(parent in _PENDING for parent in target.parents):  # a staging folder's files are not outputs yet
+        _WRITTEN.append(target)
     if _GROUP:
         _GROUP[-1].append((target, backup))
 
