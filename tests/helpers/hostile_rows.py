@@ -78,8 +78,8 @@ def _memory_mb(pid: int) -> tuple[float, float]:
 
 # --- row 1, 2: TorchScript whose __setstate__ writes a file or never returns ------------------------
 
-class WritesOnLoad(nn.Module):
-    """`__setstate__` (run by torch.jit.load) saves a tensor to `SENTINEL_PATH`."""
+class _Stateful(nn.Module):
+    """A layer that pickles its state through `__getstate__`, so TorchScript restores it with `__setstate__`."""
 
     def __init__(self):
         super().__init__()
@@ -91,6 +91,10 @@ class WritesOnLoad(nn.Module):
     @torch.jit.export
     def __getstate__(self) -> tuple[torch.Tensor, bool]:
         return (self.w, self.training)
+
+
+class WritesOnLoad(_Stateful):
+    """`__setstate__` (run by torch.jit.load) saves a tensor to `SENTINEL_PATH`."""
 
     @torch.jit.export
     def __setstate__(self, state: tuple[torch.Tensor, bool]):
@@ -99,19 +103,8 @@ class WritesOnLoad(nn.Module):
         torch.save(torch.zeros(2), "SENTINEL_PATH")
 
 
-class LoopsOnLoad(nn.Module):
+class LoopsOnLoad(_Stateful):
     """`__setstate__` never returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(3, 4))
-
-    def forward(self, x):
-        return x @ self.w.t()
-
-    @torch.jit.export
-    def __getstate__(self) -> tuple[torch.Tensor, bool]:
-        return (self.w, self.training)
 
     @torch.jit.export
     def __setstate__(self, state: tuple[torch.Tensor, bool]):

@@ -374,16 +374,33 @@ def test_row11_write_errors_are_one_line_and_leave_nothing(world, tmp_path, monk
         assert not target.exists() or list(target.iterdir()) == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+@pytest.mark.slow
 def test_row11_a_real_read_only_folder(world, tmp_path):
-    out = tmp_path / "ro"
-    out.mkdir()
-    out.chmod(0o555)
+    """A real EACCES: as root (who writes anywhere) the command runs as `nobody` through setpriv."""
+    import shutil
+    import tempfile
+
+    as_nobody = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: a read-only folder does not refuse root")
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    shared = Path(tempfile.mkdtemp())  # readable by `nobody`, unlike pytest's folders
     try:
-        _refused(_cli("export", world["merged"], "--onnx", out / "m.onnx"), "permission denied; nothing was written")
+        shared.chmod(0o755)
+        model = Path(shutil.copy(world["merged"], shared / "m.pt2"))
+        model.chmod(0o644)
+        out = shared / "ro"
+        out.mkdir(mode=0o555)
+        out.chmod(0o555)
+        proc = subprocess.run([*as_nobody, sys.executable, "-m", "cli", "export", str(model), "--onnx",
+                               str(out / "m.onnx")], check=False, cwd=ROOT, env=ENV, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.splitlines() == [f"error: {out}: permission denied; nothing was written"]
+        assert list(out.iterdir()) == []
     finally:
-        out.chmod(0o755)
-    _no_partial_outputs(out)
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -401,6 +418,37 @@ def test_row11_a_real_file_size_limit(world, tmp_path):
     expected = f"error: {out}: file too large: a file-size limit (ulimit -f?); nothing was written"
     assert proc.stderr.splitlines() == [expected]
     _no_partial_outputs(out)
+
+
+_FULL_DISK_DRIVER = r"""
+import json, os, subprocess, sys
+mnt, model = sys.argv[1:]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", mnt], check=True)
+proc = subprocess.run([sys.executable, "-m", "cli", "export", model, "--onnx", mnt + "/m.onnx", "--safetensors",
+                       mnt + "/m.safetensors"], capture_output=True, text=True)
+alone = subprocess.run([sys.executable, "-m", "cli", "export", model, "--onnx", mnt + "/alone.onnx"],
+                       capture_output=True, text=True)
+print(json.dumps({"rc": proc.returncode, "stderr": proc.stderr, "files": sorted(os.listdir(mnt)),
+                  "alone": alone.returncode}))
+"""
+
+
+@pytest.mark.slow
+def test_row11_a_real_full_disk_under_the_second_file_of_a_pair(world, tmp_path):
+    """On an 8 KiB tmpfs (a private mount namespace) the ONNX file fits, the pair does not: neither is left."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        proc = subprocess.run(["unshare", "-rm", sys.executable, "-c", _FULL_DISK_DRIVER, str(mnt), str(world["merged"])],
+                              check=False, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+    except FileNotFoundError:
+        pytest.skip("no unshare here")
+    if proc.returncode != 0 and "mount" in proc.stderr:
+        pytest.skip("cannot mount a tmpfs in a user namespace here")
+    run = json.loads(proc.stdout.splitlines()[-1])
+    assert run["rc"] == 2, run["stderr"]
+    assert run["stderr"] == f"error: {mnt}: no space left on device; nothing was written\n"
+    assert run["alone"] == 0 and run["files"] == ["alone.onnx"]  # the ONNX file alone fits: the pair rolled back
 
 
 # --- row 12: a stranger's ONNX that loops or allocates without bound -----------------------------------------
