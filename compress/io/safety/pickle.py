@@ -91,8 +91,9 @@ def weights_only_load(source: bytes | Path, where: str, *, pickle_bytes: bytes |
     if isinstance(source, bytes):
         pickle_bytes = source if pickle_bytes is None else pickle_bytes
     if pickle_bytes is not None:
-        _check_storages(source, check_pickle_cost(pickle_bytes, where), where)
-        if _SPARSE in pickle_globals(pickle_bytes):  # refused before torch rebuilds (and trusts) its indices
+        scanned = check_pickle_cost(pickle_bytes, where)
+        _check_storages(source, scanned.persistent_ids, where)
+        if _SPARSE in scanned.globals:  # refused before torch rebuilds (and trusts) its indices
             raise BadInputError(f"{where}: holds a sparse tensor; compress reads dense (strided) tensors only and "
                                 "never trusts sparse indices: convert it with .to_dense() and save it again")
     try:

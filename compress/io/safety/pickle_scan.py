@@ -12,8 +12,8 @@ each time it is used), with more than `MAX_OPS` opcodes, or nested deeper than `
 The values it follows are the ones the stream spells out: numbers, strings, `None`/booleans, tuples
 of them, and `complex(...)` / `torch.Size(...)` calls (the weights-only unpickler's hashable
 results); anything else is an opaque stack slot. It returns the persistent ids the stream refers to
-(torch's storages: `('storage', <type>, key, location, numel)`), so their sizes can be checked
-against the archive before torch reads them.
+(torch's storages: `('storage', <type>, key, location, numel)`, so their sizes can be checked
+against the archive before torch reads them) and the globals it names.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from __future__ import annotations
 import io
 import pickle
 import pickletools
+import sys
+from dataclasses import dataclass
 from typing import Any
 
 from ...errors import BadInputError
 
 MAX_SAME_HASH = 32
-MAX_TUPLE_ITEMS = 10_000_000
+MAX_TUPLE_ITEMS = 50_000_000  # a state dict spends ~25 per tensor; 2M tensors fit
 MAX_OPS = 50_000_000
 MAX_DEPTH = 10_000
 _MAX_PICKLES = 5  # torch.save's legacy format: magic, protocol, sys_info, the object, storage keys
@@ -39,6 +41,7 @@ _TUPLES = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
 _GETS = {"GET", "BINGET", "LONG_BINGET"}
 _PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
 _HASHABLE_CALLS = {"builtins.complex", "__builtin__.complex", "torch.Size"}
+_RANDOMIZED = bool(sys.flags.hash_randomization)
 
 
 class _Opaque:
@@ -54,12 +57,12 @@ class _Global(str):
     """The name a GLOBAL / STACK_GLOBAL pushed."""
 
 
-def check_pickle_cost(data: bytes, where: str) -> list[Any]:
+def check_pickle_cost(data: bytes, where: str) -> Scanned:
     """Refuse a pickle stream built to make unpickling take hours (see the module docstring).
 
     >>> import pickle
     >>> check_pickle_cost(pickle.dumps({"fc.weight": 1, 2: (3, 4.5)}), "m.pt")
-    []
+    Scanned(persistent_ids=[], globals=frozenset())
     >>> check_pickle_cost(pickle.dumps([7 + i * (2**61 - 1) for i in range(40)]), "m.pt")
     Traceback (most recent call last):
     ...
@@ -77,7 +80,15 @@ def check_pickle_cost(data: bytes, where: str) -> list[Any]:
             break  # not (or no longer) a pickle: the unpickler says what is wrong with it
         if stream.tell() == start:
             break
-    return scan.persistent_ids
+    return Scanned(scan.persistent_ids, frozenset(scan.globals))
+
+
+@dataclass(frozen=True)
+class Scanned:
+    """What a checked pickle refers to: persistent ids (torch's storages) and the globals it names."""
+
+    persistent_ids: list[Any]
+    globals: frozenset[str]
 
 
 class _Scan:
@@ -88,6 +99,7 @@ class _Scan:
         self.buckets: dict[int, list[Any]] = {}
         self.sizes: dict[int, tuple[tuple, int]] = {}  # id of a followed tuple -> (it, items)
         self.persistent_ids: list[Any] = []  # what BINPERSID / PERSID referred to (torch: its storages)
+        self.globals: set[str] = set()  # what GLOBAL / STACK_GLOBAL named
 
     def run(self, stream: io.BytesIO) -> None:
         stack: list[Any] = []
@@ -119,10 +131,13 @@ class _Scan:
             value = _CONSTANTS[name]
         elif name == "GLOBAL":
             value = _Global(str(arg).replace(" ", "."))
+            self.globals.add(value)
         elif name == "STACK_GLOBAL":
             module, qualname = _pop(stack, 2)
             value = _Global(f"{module}.{qualname}") if isinstance(module, str) and isinstance(qualname, str) \
                 else _Opaque()
+            if isinstance(value, _Global):
+                self.globals.add(value)
         elif name in _TUPLES or name == "TUPLE":
             value = self._tuple(_pop(stack, _TUPLES[name]) if name in _TUPLES else _pop_to_mark(stack, marks))
         elif name == "REDUCE":
@@ -133,12 +148,11 @@ class _Scan:
             self.persistent_ids.append(pid)
             value = _Opaque()
         else:
-            before = list(op.stack_before)
-            if pickletools.markobject in before:
+            has_mark, pops, pushes = _effect(op)
+            if has_mark:
                 _pop_to_mark(stack, marks)
-                before = before[: before.index(pickletools.markobject)]
-            _pop(stack, len(before))
-            stack.extend(_Opaque() for _ in op.stack_after)
+            _pop(stack, pops)
+            stack.extend(_Opaque() for _ in range(pushes))
             return
         if not isinstance(value, (_Opaque, _Global)):
             self._seen(value)
@@ -152,23 +166,35 @@ class _Scan:
         return 1
 
     def _tuple(self, items: list) -> Any:
-        size = 1 + sum(self._items(i) for i in items)
+        size, opaque = 1, False
+        for i in items:
+            if isinstance(i, _Opaque):
+                size, opaque = size + i.items, True
+            else:
+                size += self._items(i)
         self.tuple_items += size
         if self.tuple_items > MAX_TUPLE_ITEMS:
             self._refuse(f"builds tuples of more than {MAX_TUPLE_ITEMS:,} items in all (nested through its memo)")
-        if any(isinstance(i, _Opaque) for i in items):
+        if opaque:
             return _Opaque(size)
         value = tuple(items)
         self.sizes[id(value)] = (value, size)
         return value
 
     def _seen(self, value: Any) -> None:
+        if type(value) in (str, bytes) and _RANDOMIZED:
+            return  # their hashes are salted per process: a file cannot make them collide
         try:
-            bucket = self.buckets.setdefault(hash(value), [])
+            h = hash(value)
         except TypeError:
             return
-        if any(type(v) is type(value) and v == value for v in bucket):
+        bucket = self.buckets.get(h)
+        if bucket is None:
+            self.buckets[h] = [value]
             return
+        for v in bucket:
+            if type(v) is type(value) and v == value:
+                return
         bucket.append(value)
         if len(bucket) > MAX_SAME_HASH:
             self._refuse(f"holds {len(bucket)} different values with one hash (a stream built to make loading "
@@ -176,6 +202,21 @@ class _Scan:
 
     def _refuse(self, what: str):
         raise BadInputError(f"{self.where}: the pickle {what}; refused")
+
+
+_EFFECTS: dict[str, tuple[bool, int, int]] = {}
+
+
+def _effect(op) -> tuple[bool, int, int]:
+    """(pops to a mark, items popped below it, items pushed) of an opcode, from pickletools' description."""
+    effect = _EFFECTS.get(op.name)
+    if effect is None:
+        before = list(op.stack_before)
+        has_mark = pickletools.markobject in before
+        if has_mark:
+            before = before[: before.index(pickletools.markobject)]
+        effect = _EFFECTS[op.name] = (has_mark, len(before), len(op.stack_after))
+    return effect
 
 
 def _call(func: Any, args: Any) -> Any:
