@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from compress.atomic import check_output
+from compress.atomic import all_or_nothing, check_output
 from compress.errors import BadInputError
 from compress.export import export_onnx, export_safetensors
 from compress.io import load
@@ -39,20 +39,21 @@ def command(model: Path, onnx_path: Path | None, st_path: Path | None, codebook_
     codebooks = codebooks_from_state_dict(source)
     if not codebooks.tensors:
         raise BadInputError(f"{model}: no merged (codebook) tensors; run `compress tie {model}` first")
+    if onnx_path and (loaded.module is None or not loaded.example_inputs):
+        raise BadInputError(f"{model}: ONNX export needs a runnable model with example inputs "
+                            f"(a .pt2 from `compress tie`); this is a {loaded.kind} file")
     reports = {}
-    if onnx_path:
-        if loaded.module is None or not loaded.example_inputs:
-            raise BadInputError(f"{model}: ONNX export needs a runnable model with example inputs "
-                                f"(a .pt2 from `compress tie`); this is a {loaded.kind} file")
-        program = loaded.program if loaded.program is not None else loaded.module
-        reports["onnx"] = export_onnx(program, codebooks, onnx_path, loaded.example_inputs,
-                                      codebook_dtype=codebook_dtype, dedup=not no_dedup, force=force)
-    if st_path:
-        reports["safetensors"] = export_safetensors(source, codebooks, st_path, force=force)
+    with all_or_nothing():  # the files appear together or not at all (a full disk on the second one)
+        if onnx_path:
+            program = loaded.program if loaded.program is not None else loaded.module
+            reports["onnx"] = export_onnx(program, codebooks, onnx_path, loaded.example_inputs,
+                                          codebook_dtype=codebook_dtype, dedup=not no_dedup, force=force)
+        if st_path:
+            reports["safetensors"] = export_safetensors(source, codebooks, st_path, force=force)
 
-    def show(out):
-        for report in reports.values():
-            print_export(out, report)
+        def show(out):
+            for report in reports.values():
+                print_export(out, report)
 
-    emit(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2), json_path, show, force=force,
-         inputs=[model])
+        emit(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2), json_path, show, force=force,
+             inputs=[model])
