@@ -11,11 +11,12 @@ The files are read back by `compress.io` (`load_codebook_safetensors`, `read_onn
 from ..io import load_codebook_safetensors as load_safetensors
 from ..state import codebooks_from_state_dict
 from .onnx import export_onnx, rewrite_onnx
-from .report import ExportReport, TensorEntry
+from .report import ExportReport, Loss, TensorEntry
 from .safetensors import export_safetensors
 
 __all__ = [
     "ExportReport",
+    "Loss",
     "TensorEntry",
     "codebooks_from_state_dict",
     "export_onnx",

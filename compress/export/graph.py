@@ -105,13 +105,23 @@ def eliminate_dead(graph: onnx.GraphProto) -> None:
 
 
 def strip_debug_metadata(model: onnx.ModelProto) -> None:
-    """Drop per-node debug metadata (the exporter's stack traces, FX node text, name scopes).
+    """Drop per-node and per-value debug metadata (the exporter's stack traces, FX node text, name
+    scopes) and value infos that repeat an initializer's own type and shape.
 
     It can outweigh the weights of a small model and leaks local paths; the model-level metadata stays.
     """
     for node in all_nodes(model.graph):
         del node.metadata_props[:]
         node.doc_string = ""
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    kept = [v for v in g.value_info if v.name not in inits]
+    del g.value_info[:]
+    g.value_info.extend(kept)
+    for v in [*g.value_info, *g.input, *g.output]:
+        del v.metadata_props[:]
+    for t in g.initializer:
+        del t.metadata_props[:]
 
 
 class Namer:

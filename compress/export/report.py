@@ -21,7 +21,7 @@ class TensorEntry(Record):
 
     name: str
     shape: list[int]
-    storage: str  # "codebook" | "dense" | "alias"
+    storage: str  # "codebook" | "dense" | "alias" | "unused" (a merged tensor the graph does not read)
     actual_bytes: int  # data bytes this tensor adds to the file
     bound_bytes: int  # the ideal: packed indices + codebook (dense: its data)
     index_type: str | None = None  # "UINT4", "UINT8", "packed3", "U8 packed3" ...
@@ -30,8 +30,29 @@ class TensorEntry(Record):
     granularity: str | None = None
     stored_as: list[str] = field(default_factory=list)  # names in the file (initializers / tensors)
     note: str = ""
+    dense_bytes: int = 0  # a merged tensor stored dense where the report cannot point at it: its dense size
+    widened_bytes: int = 0  # indices stored wider than planned (a fallback): the bytes that costs
 
     _what = "export tensor"
+
+
+@dataclass
+class Loss(Record):
+    """A merged tensor the file does not keep compact, and what that costs."""
+
+    name: str
+    kind: str  # "dense" | "widened"
+    bytes: int  # more than its compressed form
+    reason: str = ""
+
+    _what = "export loss"
+
+    def text(self, file: str) -> str:
+        """One line for the terminal and the report's notes."""
+        what = ("is stored dense, not as codebook + indices" if self.kind == "dense"
+                else "has its indices stored wider than their bits")
+        why = f" ({self.reason})" if self.reason else ""
+        return f"`{self.name}` {what} in {file}: {self.bytes:,} bytes more than its compressed form{why}"
 
 
 @dataclass
@@ -72,6 +93,18 @@ class ExportReport(Record):
             if t.name == name:
                 return t
         raise KeyError(name)
+
+    def losses(self) -> list[Loss]:
+        """Merged tensors the file does not keep compact: stored dense, or indices wider than planned."""
+        out = []
+        for t in self.tensors:
+            if t.k is None:
+                continue
+            if t.storage == "dense":
+                out.append(Loss(t.name, "dense", max(t.actual_bytes + t.dense_bytes - t.bound_bytes, 0), t.note))
+            elif t.storage == "codebook" and t.widened_bytes:
+                out.append(Loss(t.name, "widened", t.widened_bytes, t.note))
+        return out
 
     def left_dense(self) -> list[TensorEntry]:
         """Dense tensors with a note saying why (merged weights that could not be located, ...)."""
