@@ -7,6 +7,7 @@ failed verification). `--debug` re-raises them with a traceback.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
@@ -37,13 +38,16 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show a traceback for errors.")
+@click.option("--debug", is_flag=True, help="Show a traceback for errors, and the exporters' own messages.")
 @click.version_option(package_name="compress")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Make trained PyTorch models smaller by parameter sharing, and prove they still work."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    if debug:  # the exporters' own log lines and warnings are shown too (they are quiet otherwise)
+        logging.basicConfig(level=logging.INFO)
+        logging.getLogger("compress").setLevel(logging.DEBUG)
 
 
 for _module in (audit, tie, export, verify):

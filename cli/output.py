@@ -36,10 +36,12 @@ def emit(text: str, json_path: str | None, show, *, force: bool, inputs: list[Pa
 def print_export(out, report) -> None:
     """An export report's table, its notes and a one-line summary."""
     out.print(report.to_table())
+    lost = {loss.text(Path(report.path).name) for loss in report.losses()}
     for note in report.notes:
-        out.print(f"note: {note}")
+        out.print(f"{'warning' if note in lost else 'note'}: {note}")
+    which = "the independent bound" if report.independent_bound is not None else "the bound"
     out.print(f"wrote {', '.join(report.files)}: {report.file_bytes:,} bytes ({report.ratio_to_dense:.3f}x dense, "
-              f"{report.ratio_to_bound:.3f}x the bound)")
+              f"{report.vs_bound:.3f}x {which})")
 
 
 def print_verification(out, v, *, header: bool = True) -> None:

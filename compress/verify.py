@@ -23,7 +23,7 @@ import torch
 from .errors import BadInputError, Option
 from .execution import as_args, run
 from .records import Record
-from .runtime import RuntimeStats, feed, make_session, measure
+from .runtime import RuntimeStats, feed, make_session, measure, resolve_provider, session_options
 from .state import effective_tensors
 
 RESULT_VERSION = 1
@@ -124,11 +124,13 @@ def verify(onnx_path: str | Path, reference, inputs, *, provider: str = "cpu", a
 
     Args:
         onnx_path: the exported model.
-        reference: the merged PyTorch model (nn.Module, or an ExportedProgram).
+        reference: the merged PyTorch model (nn.Module, or an ExportedProgram), or for a model tied
+            from ONNX the merged ONNX model (a `ModelProto` or an .onnx path), run in onnxruntime.
         inputs: a tensor (or tuple of tensors) with the batch to run.
         provider: "cpu", "cuda" or a full onnxruntime provider name (never a silent fallback).
         atol, rtol: an output passes when |onnx - reference| <= atol + rtol * |reference| everywhere.
-        original: optionally the model before merging, to report how far compression moved outputs.
+        original: optionally the model before merging (PyTorch or ONNX, as `reference`), to report how far
+            compression moved outputs.
         runs: runs for the median latency.
         keep_compressed: check with constant folding off (weights stay codebook + indices in memory).
         measure_runtime: measure load time, latency and memory of both modes in a subprocess.
@@ -145,7 +147,7 @@ def verify(onnx_path: str | Path, reference, inputs, *, provider: str = "cpu", a
     fed = feed(session, as_args(inputs))
     got = session.run(None, fed)
     names = [o.name for o in session.get_outputs()]
-    want = [t.detach().cpu().numpy() for t in run(reference, inputs)]
+    want = _outputs(reference, inputs, provider)
     if len(want) != len(got):
         raise BadInputError(f"{onnx_path}: the ONNX model has {len(got)} outputs, the reference model "
                             f"{len(want)}; is ", Option("reference"), " the model this file was exported from?")
@@ -154,7 +156,7 @@ def verify(onnx_path: str | Path, reference, inputs, *, provider: str = "cpu", a
                           "keep_compressed" if keep_compressed else "default", batch)
     result.checks = [_compare(n, g, w, atol, rtol) for n, g, w in zip(names, got, want)]
     if original is not None:
-        base = [t.detach().cpu().numpy() for t in run(original, inputs)]
+        base = _outputs(original, inputs, provider)
         classes = int(targets.max()) + 1 if targets is not None and targets.numel() else None
         result.original = [_against_original(n, g, b, classes) for n, g, b in zip(names, got, base)]
     if measure_runtime:
@@ -192,6 +194,20 @@ def verify_safetensors(path: str | Path, reference_state_dict) -> VerifyResult:
 
 
 # --- comparisons --------------------------------------------------------------------------------
+
+def _outputs(model, inputs, provider: str) -> list[np.ndarray]:
+    """The outputs of a PyTorch model, or of an ONNX model (a `ModelProto` or an .onnx path) in onnxruntime."""
+    if isinstance(model, (str, Path)):
+        session = make_session(model, provider)
+    elif type(model).__name__ == "ModelProto":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(model.SerializeToString(), session_options(),
+                                       providers=[resolve_provider(provider)])
+    else:
+        return [t.detach().cpu().numpy() for t in run(model, inputs)]
+    return session.run(None, feed(session, as_args(inputs)))
+
 
 def _compare(name: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> OutputCheck:
     if got.shape != want.shape:

@@ -15,7 +15,6 @@ graph holds.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import onnx
 import torch
@@ -24,34 +23,12 @@ from torch import nn
 from ..codebook import Codebooks
 from ..errors import CompressError
 from ..packing import packed_size
-from ..records import Record
 from . import graph as _graph
 from ._decode import CODEBOOK_DTYPES
+from .report import SizeBound
 from .trace import first_line, quiet_exporter
 
-BOUND_VERSION = 1
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-
-
-@dataclass
-class SizeBound(Record):
-    """The parts of the independent bound, in bytes (`total` is their sum)."""
-
-    index_bytes: int
-    codebook_bytes: int
-    scale_bytes: int
-    dense_bytes: int
-    graph_bytes: int
-    fp32_file_bytes: int | None = None  # the plain fp32 export the graph bytes were measured on
-    note: str = ""
-    version: int = BOUND_VERSION
-
-    _what = "size bound"
-    _derived = ("total",)
-
-    @property
-    def total(self) -> int:
-        return self.index_bytes + self.codebook_bytes + self.scale_bytes + self.dense_bytes + self.graph_bytes
 
 
 def merged_bytes(codebooks: Codebooks, codebook_dtype: str = "float32") -> tuple[int, int]:

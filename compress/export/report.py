@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ..records import Record
 
 REPORT_VERSION = 1
+BOUND_VERSION = 1
 
 
 @dataclass
@@ -56,6 +57,27 @@ class Loss(Record):
 
 
 @dataclass
+class SizeBound(Record):
+    """The independent bound of a file, in bytes, by part (`total` is their sum); see `export.bound`."""
+
+    index_bytes: int
+    codebook_bytes: int
+    scale_bytes: int
+    dense_bytes: int
+    graph_bytes: int
+    fp32_file_bytes: int | None = None  # the plain fp32 export the graph bytes were measured on
+    note: str = ""
+    version: int = BOUND_VERSION
+
+    _what = "size bound"
+    _derived = ("total",)
+
+    @property
+    def total(self) -> int:
+        return self.index_bytes + self.codebook_bytes + self.scale_bytes + self.dense_bytes + self.graph_bytes
+
+
+@dataclass
 class ExportReport(Record):
     """Result of `export_onnx` / `export_safetensors` / `tie_onnx`: sizes, storage per tensor, notes."""
 
@@ -70,6 +92,7 @@ class ExportReport(Record):
     files: list[str] = field(default_factory=list)
     opset: int | None = None
     notes: list[str] = field(default_factory=list)
+    independent_bound: SizeBound | None = None  # from the plan and the model, not from this file
     version: int = REPORT_VERSION
 
     _what = "export report"
@@ -83,6 +106,13 @@ class ExportReport(Record):
     @property
     def ratio_to_bound(self) -> float:
         return self.file_bytes / max(self.bound_bytes, 1)
+
+    @property
+    def vs_bound(self) -> float:
+        """The file against the independent bound when there is one, else against its own (`bound_bytes`)."""
+        if self.independent_bound is not None and self.independent_bound.total:
+            return self.file_bytes / self.independent_bound.total
+        return self.ratio_to_bound
 
     @property
     def ratio_to_dense(self) -> float:
@@ -124,6 +154,12 @@ class ExportReport(Record):
         table.add_row("graph", "", "", "", f"{self.graph_bytes:,}", f"{self.graph_bytes:,}", "")
         table.add_row("total", "", "", "", f"{self.file_bytes:,}", f"{self.bound_bytes:,}",
                       f"{self.ratio_to_bound:.3f}x bound, {self.ratio_to_dense:.3f}x dense", style="bold")
+        b = self.independent_bound
+        if b is not None:
+            table.add_row("independent bound", "", "", "", "", f"{b.total:,}",
+                          f"{self.vs_bound:.3f}x: indices {b.index_bytes:,} + codebooks {b.codebook_bytes:,} + "
+                          f"dense tensors {b.dense_bytes:,} + fp32 graph {b.graph_bytes:,}"
+                          + (f"; {b.note}" if b.note else ""), style="bold")
         if self.dedup_count:
             table.caption = f"deduplicated {self.dedup_count} tensors, saved {self.dedup_saved_bytes:,} bytes"
         return table
