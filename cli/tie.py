@@ -16,7 +16,7 @@ from compress.tying import FinetuneConfig, TieConfig, distributed
 from compress.units import format_iec
 
 from . import options
-from .output import emit, print_export, print_verification
+from .output import emit, print_export, print_verification, with_flags
 
 
 @click.command("tie")
@@ -124,7 +124,7 @@ def _print_tie(out, result) -> None:
     out.print(files)
     lost = {loss.text(Path(e.path).name) for e in result.exports for loss in e.losses()}
     for note in result.report.notes:
-        out.print(f"{'warning' if note in lost else 'note'}: {note}")
+        out.print(f"{'warning' if note in lost else 'note'}: {with_flags(note)}")
     for v in result.verification:
         print_verification(out, v)
 

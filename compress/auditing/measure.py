@@ -28,6 +28,7 @@ import torch
 
 from ..codebook import bits_for
 from ..kmeans import cover_starts, kmeans_1d_many
+from .onnx import audit_onnx
 from .report import (
     AuditConfig,
     AuditReport,
@@ -39,7 +40,6 @@ from .report import (
     TensorAudit,
     TensorTie,
 )
-from .onnx import audit_onnx
 from .ties import TieFinder, graph_ties
 
 _MAX_LISTED_CENTERS = 16

@@ -26,7 +26,7 @@ from ..packing import packed_size
 from . import graph as _graph
 from ._decode import CODEBOOK_DTYPES
 from .report import SizeBound
-from .trace import first_line, quiet_exporter
+from .trace import first_line, quiet_exporter, script_onnx
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
@@ -92,11 +92,13 @@ def _plain_graph_bytes(model: nn.Module, example_inputs) -> tuple[int, int | Non
     dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() else None for a in args)
     with eval_mode(model), quiet_exporter():
         try:
-            program = torch.onnx.export(model, args, dynamo=True, optimize=True, dynamic_shapes=dynamic,
-                                        verbose=False)
+            if isinstance(model, torch.jit.ScriptModule):
+                proto = script_onnx(model, args, fold=True)
+            else:
+                proto = torch.onnx.export(model, args, dynamo=True, optimize=True, dynamic_shapes=dynamic,
+                                          verbose=False).model_proto
         except Exception as e:  # noqa: BLE001 - the exporter raises many types; the bound says it has no graph
             return 0, None, f"no plain fp32 export to measure the graph on ({first_line(e)}): graph bytes not counted"
-    proto = program.model_proto
     _graph.strip_debug_metadata(proto)
     weights = _weight_bytes(proto)
     for t in proto.graph.initializer:

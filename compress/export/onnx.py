@@ -77,7 +77,9 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram, codebooks: Code
     opset = max([MIN_OPSET.get(lay.onnx_type, 0) for lay in layouts.values()], default=0) or None
     proto, hooked = trace_onnx(model, codebooks, example_inputs, opset)
     _graph.strip_debug_metadata(proto)
-    job = _Job(proto, codebooks, layouts, stored, _fixed_batch_notes(proto))
+    notes, widened = _raise_opset(proto, opset or 0, layouts)  # a TorchScript export stops at opset 20
+    job = _Job(proto, codebooks, layouts, stored, _fixed_batch_notes(proto) + notes)
+    job.widened = widened
     traced = {placeholder_tensor(n) for n in _graph.all_nodes(proto.graph) if is_placeholder(n)}
     job.unused = hooked - traced  # hooked but never decoded: the forward pass does not read it
     # also traced ones: a declared alias may hold a separate dense copy of a merged tensor
@@ -100,9 +102,10 @@ def rewrite_onnx(proto: onnx.ModelProto, codebooks: Codebooks, path: str | Path,
     needed = max([MIN_OPSET.get(lay.onnx_type, 0) for lay in layouts.values()], default=0)
     notes, widened = _raise_opset(proto, needed, layouts)
     g = proto.graph
-    kept = [t for t in g.initializer if t.name not in codebooks.tensors]
-    del g.initializer[:]
-    g.initializer.extend(kept)
+    for field_ in (g.initializer, g.input):  # (an initializer may be listed as an input too: its default)
+        kept = [t for t in field_ if t.name not in codebooks.tensors]
+        del field_[:]
+        field_.extend(kept)
     for name in reversed(list(codebooks.tensors)):
         g.node.insert(0, placeholder(name, name))
     job = _Job(proto, codebooks, layouts, None, notes)
@@ -173,7 +176,8 @@ class _Job:
         stored_as = {n: [d.codebook_name, d.index_name] for n, d in decoders.items()}
         protected = [name for names in stored_as.values() for name in names]
         count, saved, mapping = _graph.dedup_initializers(self.proto, protected) if dedup else (0, 0, {})
-        self.proto.ir_version = max(self.proto.ir_version, _min_ir(self.proto))
+        # IR 4 lets initializers stand apart from the graph inputs (the new codebooks and indices do)
+        self.proto.ir_version = max(self.proto.ir_version, _min_ir(self.proto), 4)
         external = external_data if external_data is not None else (
             sum(_graph.data_size(t) for t in g.initializer) > EXTERNAL_THRESHOLD)
         files = _write(self.proto, path, external=external, force=force, inputs=inputs)

@@ -10,6 +10,8 @@ folds through. `compress.export.onnx` then replaces every placeholder by the rea
 
 An `nn.Module` is traced with its `CodebookParametrization`s calling the op; an `ExportedProgram`
 (a merged `.pt2`, whose parametrizations are gone) has its decode pattern rewritten in the FX graph.
+A TorchScript module goes through the TorchScript-based exporter without constant folding, and its
+merged weights are found by value (`locate.py`).
 
 The exporter's own chatter (warnings, "Evaluation failed: ..." from the optimizer's constant folding)
 is kept off the terminal unless the `compress` logger is at DEBUG (`compress --debug ...`).
@@ -85,6 +87,8 @@ def trace_onnx(model: nn.Module | torch.export.ExportedProgram, codebooks: Codeb
     """
     args = as_args(example_inputs)
     hooked: set[str] = set()
+    if isinstance(model, torch.jit.ScriptModule):  # nothing to hook: its weights are found by value
+        return script_onnx(model, args, fold=False), hooked
     if isinstance(model, torch.export.ExportedProgram):
         model = _with_decode_ops(model.module(), codebooks, hooked)
     dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() else None for a in args)
@@ -96,6 +100,27 @@ def trace_onnx(model: nn.Module | torch.export.ExportedProgram, codebooks: Codeb
         except Exception as e:  # the exporter raises many types; the first line says what failed
             raise UnsupportedModelError(f"torch.onnx.export could not export the model: {first_line(e)}") from e
     return program.model_proto, hooked
+
+
+def script_onnx(model: torch.jit.ScriptModule, args: tuple, *, fold: bool) -> onnx.ModelProto:
+    """A TorchScript module through the TorchScript-based exporter (the only one that takes it).
+
+    Without constant folding (`fold=False`) every weight stays an initializer under its own name, so
+    the weights of a merged module can be found by value; dimension 0 of each input is dynamic.
+    """
+    import io
+
+    names = [f"input_{i}" for i in range(len(args))]
+    buf = io.BytesIO()
+    with quiet_exporter():
+        try:
+            torch.onnx.export(model, args, buf, dynamo=False, do_constant_folding=fold, input_names=names,
+                              dynamic_axes={n: {0: "batch"} for n, a in zip(names, args)
+                                            if isinstance(a, torch.Tensor) and a.dim()})
+        except Exception as e:  # the exporter raises many types; the first line says what failed
+            raise UnsupportedModelError(f"torch.onnx.export (TorchScript exporter) could not export the model: "
+                                        f"{first_line(e)}") from e
+    return onnx.load_from_string(buf.getvalue())
 
 
 def first_line(e: BaseException) -> str:

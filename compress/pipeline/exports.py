@@ -65,7 +65,7 @@ def export_and_verify(run, codebooks: Codebooks, staging: Path, notes: list[str]
     for target in run.export_paths:
         path = staging / target.name
         if target.suffix == ".onnx":
-            report = export_onnx(model, codebooks, path, examples, codebook_dtype=export.codebook_dtype)
+            report = export_onnx(run.runnable, codebooks, path, examples, codebook_dtype=export.codebook_dtype)
             if export.bound:
                 report.independent_bound = model_bound(run.reference, codebooks, examples,
                                                        codebook_dtype=export.codebook_dtype)
@@ -106,5 +106,5 @@ def _verify_onnx(run, path: Path):
     data = run.data
     x = data.test_inputs if data is not None and len(data.test_inputs) else run.examples
     y = data.test_targets if data is not None and len(data.test_inputs) else None
-    return verify(path, run.model, x, provider=run.export.provider, atol=run.export.atol, rtol=run.export.rtol,
+    return verify(path, run.runnable, x, provider=run.export.provider, atol=run.export.atol, rtol=run.export.rtol,
                   original=run.reference, measure_runtime=False, targets=y)

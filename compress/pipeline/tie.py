@@ -132,17 +132,19 @@ def tie(loaded, cfg: TieConfig | None = None, *, data=None, finetune: FinetuneCo
     started = time.perf_counter()
     run = _Run.prepare(loaded, cfg or TieConfig(), data, data_path, export or ExportOptions(), Path(out_dir), force,
                        example_inputs)
-    ft = _finetune_config(finetune, data, run.reference, loaded.path)
+    ft = _finetune_config(finetune, data, None if run.scripted else run.reference, loaded.path)
     if data is not None and run.reference is not None:
-        _check_data(data, run.model, run.examples, run.data_path)
+        _check_data(data, run.reference if run.scripted else run.model, run.examples, run.data_path)
     plan, codebooks, ft_result, originals, before = _tie_model(run, ft)
     if not distributed.is_main():  # under torchrun, rank 0 alone measures, exports and writes the files
         return TieResult(run.model, plan, codebooks, None, *run.paths, run.examples, ft_result)
-    payload, dynamic = serialize(run.model, run.graph_examples, getattr(loaded, "program", None))
+    run.runnable = _merged_script(run.reference, run.model) if run.scripted else run.model
+    payload, dynamic = serialize(run.model, None if run.scripted else run.graph_examples,
+                                 getattr(loaded, "program", None))
     outputs = Outputs(*(p.name for p in run.paths), "pt2" if dynamic is not None else "state_dict", dynamic)
     report = build_report(loaded, run.data_path, run.cfg, ft, plan, codebooks, originals, before,
-                          stored_bytes(run.model), quality(run.reference, run.model, data, run.examples), ft_result,
-                          outputs, time.perf_counter() - started)
+                          stored_bytes(run.model), quality(run.reference, run.runnable, data, run.examples),
+                          ft_result, outputs, time.perf_counter() - started)
     report.notes.extend(_no_onnx_notes(run))
     exports, checks = _write(run, payload, plan, codebooks, report)
     if run.export.strict:
@@ -166,6 +168,7 @@ class _Run:
     examples: tuple | None
     paths: tuple[Path, Path, Path]
     export_paths: list[Path]
+    runnable: nn.Module | None = None  # the merged model as something that runs (a TorchScript copy for scripts)
 
     @classmethod
     def prepare(cls, loaded, cfg: TieConfig, data, data_path, export: ExportOptions, out_dir: Path,
@@ -174,7 +177,7 @@ class _Run:
         data_path = data_path if data_path is not None else getattr(data, "path", None)
         model, reference, examples = _working_copy(loaded, data, examples)
         graph = reference is not None and examples is not None
-        paths = output_paths(loaded.path, out_dir, graph)
+        paths = output_paths(loaded.path, out_dir, graph and not isinstance(reference, torch.jit.ScriptModule))
         run = cls(loaded, cfg, data, None if data_path is None else Path(data_path), export, out_dir, force, model,
                   reference, examples, paths, export_targets(paths[0], export, graph))
         for p in [*run.paths, *run.export_paths]:
@@ -185,6 +188,11 @@ class _Run:
     def inputs(self) -> list[Path]:
         """Files that must never be overwritten."""
         return [Path(self.loaded.path)] + ([self.data_path] if self.data_path else [])
+
+    @property
+    def scripted(self) -> bool:
+        """A TorchScript model: merged as tensors, exported and run as a TorchScript copy."""
+        return isinstance(self.reference, torch.jit.ScriptModule)
 
     @property
     def graph_examples(self) -> tuple | None:
@@ -244,14 +252,27 @@ def _working_copy(loaded, data, given: tuple | None = None) -> tuple[nn.Module, 
     """
     module = getattr(loaded, "module", None)
     examples = given or getattr(loaded, "example_inputs", None)
+    if not examples and isinstance(module, nn.Module) and data is not None and len(data.calib_inputs):
+        examples = (data.calib_inputs[:2].clone(),)
+    if isinstance(module, torch.jit.ScriptModule) and examples:  # tied as tensors, exported as TorchScript
+        tensors = _tensor_module(loaded.tensors, getattr(loaded, "aliases", {}) or {})
+        return tensors, module, tuple(examples)
     if isinstance(module, nn.Module) and not isinstance(module, torch.jit.ScriptModule):
-        if not examples and data is not None and len(data.calib_inputs):
-            examples = (data.calib_inputs[:2].clone(),)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation on deepcopy
             # a copy: `program.module()` shares its tensors with the program (and with loaded.module)
             return copy.deepcopy(module), module, (tuple(examples) if examples else None)
     return _tensor_module(loaded.tensors, getattr(loaded, "aliases", {}) or {}), None, None
+
+
+def _merged_script(script: torch.jit.ScriptModule, merged: nn.Module) -> torch.jit.ScriptModule:
+    """A copy of the TorchScript module holding the merged (decoded) values of `merged`'s tensors."""
+    from ..state import effective_tensors
+
+    copy_ = copy.deepcopy(script)
+    with torch.no_grad():
+        copy_.load_state_dict(effective_tensors(merged), strict=False)
+    return copy_
 
 
 def _no_onnx_notes(run: _Run) -> list[str]:
@@ -260,9 +281,6 @@ def _no_onnx_notes(run: _Run) -> list[str]:
         return []
     module = getattr(run.loaded, "module", None)
     shape, data = Option("input_shape").python(), Option("data").python()
-    if isinstance(module, torch.jit.ScriptModule):
-        return [(f"no ONNX written: {run.loaded.path} is TorchScript, which cannot be re-traced with its codebooks; "
-                "save the model as a .pt2 (torch.export.save) or as a pickled nn.Module and give that")]
     if isinstance(module, nn.Module):
         return [(f"no ONNX written: {run.loaded.path} has no example inputs to trace it with; give them with "
                 f"{shape} (e.g. '1x3x224x224', 'int64:1x128') or {data}")]
