@@ -6,7 +6,7 @@ multi-layer bidirectional LSTM and GRU, a Conv1d audio stack, a ConvTranspose de
 shared across depth and an RNN cell shared across time, a ViT with a patch convolution. BatchNorm
 statistics are randomised so that folding them is not a no-op.
 
-`FAMILIES[name]()` returns `(model in eval mode, example inputs)`; `bench/families.py` and
+`FAMILIES[name](batch=2)` returns `(model in eval mode, example inputs)`; `bench/families.py` and
 `tests/families/test_families.py` use the same builders.
 """
 
@@ -21,10 +21,10 @@ from torch import nn
 VOCAB = 1000
 
 
-def _seeded(build: Callable[[], tuple[nn.Module, tuple]]) -> Callable[[], tuple[nn.Module, tuple]]:
-    def make():
+def _seeded(build: Callable[[int], tuple[nn.Module, tuple]]) -> Callable[..., tuple[nn.Module, tuple]]:
+    def make(batch: int = 2):
         torch.manual_seed(0)
-        model, inputs = build()
+        model, inputs = build(batch)
         with torch.no_grad():
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -35,6 +35,17 @@ def _seeded(build: Callable[[], tuple[nn.Module, tuple]]) -> Callable[[], tuple[
         return model.eval(), inputs
     make.__name__ = build.__name__
     return make
+
+
+def _distinct_layers(encoder: nn.TransformerEncoder) -> nn.TransformerEncoder:
+    """`nn.TransformerEncoder` deep-copies one layer: give each copy its own initial weights (as training
+    would), or the toolkit would rightly store the identical copies once."""
+    for layer in encoder.layers:
+        for m in layer.modules():
+            reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
+            if reset is not None and m is not layer:
+                reset()
+    return encoder
 
 
 def _tokens(batch: int = 2, length: int = 16) -> tuple[torch.Tensor]:
@@ -84,7 +95,7 @@ class Encoder(nn.Module):
         self.tok, self.pos = nn.Embedding(VOCAB, dim), nn.Embedding(context, dim)
         self.norm = nn.LayerNorm(dim)
         layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True, activation="gelu")
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.encoder = _distinct_layers(nn.TransformerEncoder(layer, layers, enable_nested_tensor=False))
         self.cls = nn.Linear(dim, classes)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -216,7 +227,7 @@ class ViT(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True, norm_first=True,
                                            activation="gelu")
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.encoder = _distinct_layers(nn.TransformerEncoder(layer, layers, enable_nested_tensor=False))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, classes)
 
@@ -227,53 +238,53 @@ class ViT(nn.Module):
 
 
 @_seeded
-def decoder_lm():
-    return DecoderLM(), _tokens()
+def decoder_lm(batch: int):
+    return DecoderLM(), _tokens(batch)
 
 
 @_seeded
-def bert_encoder():
-    return Encoder(), _tokens()
+def bert_encoder(batch: int):
+    return Encoder(), _tokens(batch)
 
 
 @_seeded
-def resnet_bn():
-    return ResNet(), (torch.rand(2, 3, 32, 32),)
+def resnet_bn(batch: int):
+    return ResNet(), (torch.rand(batch, 3, 32, 32),)
 
 
 @_seeded
-def depthwise_cnn():
-    return DepthwiseSeparable(), (torch.rand(2, 3, 32, 32),)
+def depthwise_cnn(batch: int):
+    return DepthwiseSeparable(), (torch.rand(batch, 3, 32, 32),)
 
 
 @_seeded
-def lstm_bidir():
-    return RecurrentLM("lstm"), _tokens()
+def lstm_bidir(batch: int):
+    return RecurrentLM("lstm"), _tokens(batch)
 
 
 @_seeded
-def gru_bidir():
-    return RecurrentLM("gru"), _tokens()
+def gru_bidir(batch: int):
+    return RecurrentLM("gru"), _tokens(batch)
 
 
 @_seeded
-def audio_conv1d():
-    return AudioConv1d(), (torch.rand(2, 1, 4000) * 2 - 1,)
+def audio_conv1d(batch: int):
+    return AudioConv1d(), (torch.rand(batch, 1, 4000) * 2 - 1,)
 
 
 @_seeded
-def convtranspose_decoder():
-    return ConvTransposeDecoder(), (torch.randn(2, 64),)
+def convtranspose_decoder(batch: int):
+    return ConvTransposeDecoder(), (torch.randn(batch, 64),)
 
 
 @_seeded
-def shared_weights():
-    return SharedWeights(), (torch.randn(2, 6, 32),)
+def shared_weights(batch: int):
+    return SharedWeights(), (torch.randn(batch, 6, 32),)
 
 
 @_seeded
-def vit_patch():
-    return ViT(), (torch.rand(2, 3, 32, 32),)
+def vit_patch(batch: int):
+    return ViT(), (torch.rand(batch, 3, 32, 32),)
 
 
 FAMILIES: dict[str, Callable[[], tuple[nn.Module, tuple]]] = {
