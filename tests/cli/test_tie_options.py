@@ -72,8 +72,8 @@ def test_a_trusted_torchscript_file_gets_an_onnx_export_from_input_shapes(tmp_pa
     ("1x3xa", "input shape '1x3xa' is not [dtype:]D0xD1x... (e.g. 1x3x224x224 or int64:1x128); fix --input-shape 1x3xa"),
     ("int99:1x48", "input shape 'int99:1x48': unknown dtype 'int99'; use one of"),
     ("1x0", "input shape '1x0': every dimension must be at least 1"),
-    ("1x47", "the model fails on example inputs float32:1x47 (--input-shape): mat1 and mat2 shapes cannot be "
-             "multiplied"),
+    ("1x47", ("the model fails on example inputs float32:1x47 (--input-shape): mat1 and mat2 shapes cannot be "
+              "multiplied")),
     ("1x2x3x48x5", "the model fails on example inputs float32:1x2x3x48x5 (--input-shape)"),
 ], ids=["malformed", "dtype", "zero", "size", "rank"])
 def test_bad_input_shape_is_one_line_and_exit_2(pickled_module, tmp_path, spec, message):
@@ -165,7 +165,7 @@ def test_the_exporters_chatter_stays_off_the_terminal(tmp_path):
         warnings.simplefilter("ignore")  # torch.export's own, in this process
         torch.export.save(torch.export.export(Recurrent().eval(), (ids,)), tmp_path / "rnn.pt2")
     done = subprocess.run([sys.executable, "-m", "cli", "tie", str(tmp_path / "rnn.pt2"), "-o", str(tmp_path / "out")],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     for chatter in ("Warning", "W1204", "torchvision", "Evaluation failed", "onnxscript", "[torch.onnx]"):
         assert chatter not in done.stdout + done.stderr, chatter

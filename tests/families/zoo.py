@@ -12,6 +12,7 @@ statistics are randomised so that folding them is not a no-op.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -134,7 +135,7 @@ class DepthwiseSeparable(nn.Module):
     def __init__(self, classes: int = 10, widths: tuple[int, ...] = (32, 64, 128, 128, 256, 256)):
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU6()]
-        for i, (cin, cout) in enumerate(zip(widths, widths[1:])):
+        for i, (cin, cout) in enumerate(itertools.pairwise(widths)):
             stride = 2 if i % 2 else 1
             layers += [nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.ReLU6(),
                        nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU6()]
@@ -167,7 +168,7 @@ class AudioConv1d(nn.Module):
         super().__init__()
         chans = (1, 32, 64, 96, 128, 128)
         layers: list[nn.Module] = []
-        for cin, cout in zip(chans, chans[1:]):
+        for cin, cout in itertools.pairwise(chans):
             layers += [nn.Conv1d(cin, cout, 5, 2, 2, bias=False), nn.BatchNorm1d(cout), nn.GELU()]
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(chans[-1], classes)
