@@ -35,6 +35,7 @@ def pickled_module(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_input_shape_gives_a_pickled_module_an_onnx_export(pickled_module, tmp_path):
     out = tmp_path / "out"
     result = _run(str(pickled_module), "--trust-pickle", "--input-shape", "1x48", "-o", str(out))
@@ -55,6 +56,7 @@ def test_without_example_inputs_the_note_names_the_option(pickled_module, tmp_pa
            "'int64:1x128') or --data" in output
 
 
+@pytest.mark.slow
 def test_a_trusted_torchscript_file_gets_an_onnx_export_from_input_shapes(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 3)).eval()
@@ -117,6 +119,7 @@ def test_an_onnx_file_whose_indices_must_widen_warns_and_strict_exits_1(tmp_path
     assert (tmp_path / "b" / "old.tied.onnx").exists()
 
 
+@pytest.mark.slow
 def test_a_tied_onnx_file_that_does_not_match_its_input_exits_1(tmp_path):
     """A graph whose output is random cannot match itself: the check in onnxruntime fails the run."""
     rng = np.random.default_rng(0)
@@ -132,11 +135,13 @@ def test_a_tied_onnx_file_that_does_not_match_its_input_exits_1(tmp_path):
     assert result.output.strip().splitlines()[-1].startswith("error: ")
 
 
+@pytest.mark.slow
 def test_strict_passes_when_everything_stays_compact(pickled_module, tmp_path):
     result = _run(str(pickled_module), "--trust-pickle", "--input-shape", "2x48", "--strict", "-o", str(tmp_path))
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.slow
 def test_audit_of_a_tied_onnx_file_shows_each_initializers_storage(pickled_module, tmp_path):
     assert _run(str(pickled_module), "--trust-pickle", "--input-shape", "2x48", "-o", str(tmp_path)).exit_code == 0
     result = CliRunner().invoke(cli, ["audit", str(tmp_path / "net.onnx"), "--markdown"], catch_exceptions=False)

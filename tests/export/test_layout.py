@@ -78,6 +78,7 @@ class ConvBN(nn.Module):
         return self.bn_b(self.b(torch.relu(self.bn_a(self.a(x)))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transpose", [False, True], ids=["conv", "conv_transpose"])
 def test_batchnorm_after_a_decoded_convolution_is_a_scale_after_the_decode(tmp_path, transpose):
     model = ConvBN(transpose).eval()
@@ -93,6 +94,7 @@ def test_batchnorm_after_a_decoded_convolution_is_a_scale_after_the_decode(tmp_p
     assert all(math.prod(shape) <= 32 for shape in dense.values()), dense  # vectors of the channel count
 
 
+@pytest.mark.slow
 def test_weights_concatenated_from_two_codebooks_gather_from_both(tmp_path):
     class Stacked(nn.Module):
         def __init__(self):
@@ -112,6 +114,7 @@ def test_weights_concatenated_from_two_codebooks_gather_from_both(tmp_path):
     assert decoded.codebooks == ["a.weight.codebook", "b.weight.codebook"] and decoded.k == (48 + 40) * 8
 
 
+@pytest.mark.slow
 def test_every_decode_node_comes_from_the_decode_builder(tmp_path, monkeypatch):
     """One place builds decodes (`_decode.Decoder`): the graph's Gathers from codebooks are all its own."""
     from compress.export import _decode
