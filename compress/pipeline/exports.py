@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..codebook import Codebooks
-from ..errors import VerificationError
+from ..errors import Option, UnsupportedModelError, VerificationError
 from ..export import ExportReport, Loss, export_onnx, export_safetensors
 from ..export.bound import model_bound
 from ..records import Record
@@ -65,7 +65,15 @@ def export_and_verify(run, codebooks: Codebooks, staging: Path, notes: list[str]
     for target in run.export_paths:
         path = staging / target.name
         if target.suffix == ".onnx":
-            report = export_onnx(run.runnable, codebooks, path, examples, codebook_dtype=export.codebook_dtype)
+            try:
+                report = export_onnx(run.runnable, codebooks, path, examples, codebook_dtype=export.codebook_dtype)
+            except UnsupportedModelError as e:
+                if not run.scripted:
+                    raise
+                notes.append(f"no ONNX written: {e} (TorchScript goes through the TorchScript-based exporter only); "
+                             f"give the model as a .pt2 (torch.export.save) or a pickled nn.Module, or pass "
+                             f"{Option('no_onnx').python()}")
+                continue
             if export.bound:
                 report.independent_bound = model_bound(run.reference, codebooks, examples,
                                                        codebook_dtype=export.codebook_dtype)

@@ -70,6 +70,30 @@ def test_a_trusted_torchscript_file_gets_an_onnx_export_from_input_shapes(tmp_pa
     assert {t["name"]: t["storage"] for t in onnx_report["tensors"]}["3.weight"] == "codebook"
 
 
+class SpecialFunction(nn.Module):
+    """A model the TorchScript-based ONNX exporter refuses (it has no `aten::special_erfcx`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(48, 48)
+
+    def forward(self, x):
+        return torch.special.erfcx(self.fc(x))
+
+
+@pytest.mark.slow
+def test_a_torchscript_file_the_exporter_refuses_gets_a_note_and_the_other_files(tmp_path):
+    torch.jit.save(torch.jit.script(SpecialFunction().eval()), tmp_path / "special.pt")
+    out = tmp_path / "out"
+    result = _run(str(tmp_path / "special.pt"), "--trust-pickle", "--input-shape", "2x48", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["special.plan.json", "special.report.json",
+                                                     "special.safetensors", "special.tied.pt"]
+    output = " ".join(result.output.split())
+    assert "note: no ONNX written: torch.onnx.export (TorchScript exporter) could not export the model: " in output
+    assert "give the model as a .pt2 (torch.export.save) or a pickled nn.Module, or pass --no-onnx" in output
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ("1x3xa", "input shape '1x3xa' is not [dtype:]D0xD1x... (e.g. 1x3x224x224 or int64:1x128); fix --input-shape 1x3xa"),
     ("int99:1x48", "input shape 'int99:1x48': unknown dtype 'int99'; use one of"),
