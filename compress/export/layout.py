@@ -71,6 +71,7 @@ class _Rewrite:
         self.constant = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
         self.parent: dict[str, str] = {}  # union-find over tensors joined by a Concat
         self.source: dict[str, str] = {}  # index-space value -> a tensor of its region
+        self.members: dict[str, set[str]] = {}  # index-space value -> the tensors it is computed from
         self.nodes = list(g.node)  # one wrapper per node: positions index `pushed`
         self.pushed: set[int] = set()  # positions of the layout ops moved onto indices
         self.moved: dict[str, list[str]] = defaultdict(list)
@@ -108,8 +109,7 @@ class _Rewrite:
                     out.append(Decoder.gather(tables[self._find(self.source[name])], index_of[name], name))
         del self.g.node[:]
         self.g.node.extend(out)
-        regions = self._regions()
-        return Placement(dict(self.moved), {v: regions[self._find(self.source[v])] for v in exits})
+        return Placement(dict(self.moved), {v: sorted(self.members[v]) for v in exits})
 
     def _mark(self) -> None:
         for pos, node in enumerate(self.nodes):
@@ -117,15 +117,17 @@ class _Rewrite:
                 tensor = placeholder_tensor(node)
                 self.parent.setdefault(tensor, tensor)
                 self.source[node.output[0]] = tensor
+                self.members[node.output[0]] = {tensor}
             elif self._pushable(node):
                 self.pushed.add(pos)
                 data = [n for i, n in enumerate(node.input) if self._is_data(node, i)]
                 root = self._find(self.source[data[0]])
                 for name in data[1:]:
                     self.parent[self._find(self.source[name])] = root
+                members = set().union(*(self.members[n] for n in data))
                 for name in node.output:
-                    self.source[name] = root
-                for tensor in {self.source[n] for n in data}:
+                    self.source[name], self.members[name] = root, members
+                for tensor in sorted(members):
                     self.moved[tensor].append(node.op_type)
 
     def _pushable(self, node: onnx.NodeProto) -> bool:
