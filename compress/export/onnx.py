@@ -67,7 +67,7 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram, codebooks: Code
 
         codebooks = merge_(model, plan)
         report = export_onnx(model, codebooks, "out/model.onnx", torch.rand(1, 64))
-        print(report.file_bytes, report.bound_bytes, report.densified())
+        print(report.file_bytes, report.bound_bytes, report.losses())
     """
     path = Path(path)
     stored = _codebook_dtype(codebook_dtype)

@@ -38,6 +38,7 @@ from ..records import Record
 from ..tying import TieConfig, check_finite, cluster_tensor
 from ..verify import VerifyResult, verify
 from .exports import ExportOptions, check_strict
+from .inputs import InputSpec, example_inputs
 
 WEIGHT_SLOTS = {"MatMul": (0, 1), "Gemm": (0, 1), "Conv": (1,), "Gather": (0,)}
 _ONNX_DTYPES = {1: torch.float32, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16, 7: torch.int64,
@@ -97,7 +98,7 @@ def tie_onnx(onnx_in: str | Path, onnx_out: str | Path, cfg: TieConfig | None = 
         report.independent_bound = bound
     result = OnnxTieResult(report, notes=[loss.text(onnx_out.name) for loss in report.losses()])
     if merged is not None:
-        x = inputs if inputs is not None else graph_inputs(merged)
+        x = inputs if inputs is not None else graph_inputs(merged)  # token-like ints in [0, 2)
         result.verification = verify(onnx_out, merged, x, provider=export.provider, atol=export.atol,
                                      rtol=export.rtol, original=onnx_in, measure_runtime=False)
     if export.strict:
@@ -106,10 +107,9 @@ def tie_onnx(onnx_in: str | Path, onnx_out: str | Path, cfg: TieConfig | None = 
 
 
 def graph_inputs(proto: onnx.ModelProto) -> tuple[torch.Tensor, ...]:
-    """Seeded random inputs for the graph's inputs: batch 2, other dynamic dimensions 8."""
-    gen = torch.Generator().manual_seed(0)
+    """Seeded example inputs of the graph's input types: batch 2, other dynamic dimensions 8."""
     inits = {t.name for t in proto.graph.initializer}
-    out = []
+    specs = []
     for inp in proto.graph.input:
         if inp.name in inits:
             continue
@@ -117,16 +117,11 @@ def graph_inputs(proto: onnx.ModelProto) -> tuple[torch.Tensor, ...]:
         dtype = _ONNX_DTYPES.get(tt.elem_type)
         if dtype is None:
             raise BadInputError(f"input `{inp.name}` has an element type this check cannot make; give inputs (",
-                                Option("data"), ")")
-        shape = [d.dim_value if d.HasField("dim_value") else (_BATCH if i == 0 else _OTHER_DYNAMIC)
-                 for i, d in enumerate(tt.shape.dim)]
-        if dtype.is_floating_point:
-            out.append(torch.rand(shape, generator=gen).to(dtype))
-        elif dtype == torch.bool:
-            out.append(torch.rand(shape, generator=gen) < 0.5)
-        else:
-            out.append(torch.randint(0, 2, shape, generator=gen).to(dtype))
-    return tuple(out)
+                                Option("data"), " or ", Option("input_shape"), ")")
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (_BATCH if i == 0 else _OTHER_DYNAMIC)
+                      for i, d in enumerate(tt.shape.dim))
+        specs.append(InputSpec(str(dtype).removeprefix("torch."), shape))
+    return example_inputs(specs)
 
 
 def _merged(proto: onnx.ModelProto, cbs: Codebooks) -> onnx.ModelProto:
