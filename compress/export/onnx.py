@@ -250,7 +250,7 @@ def _rounding_note(cb: TensorCodebook, stored: torch.dtype) -> str:
 
 
 def _min_ir(proto: onnx.ModelProto) -> int:
-    return helper.find_min_ir_version_for(list(proto.opset_import))
+    return helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)  # custom domains
 
 
 def _opset(proto: onnx.ModelProto) -> int | None:
