@@ -99,11 +99,27 @@ def tie_onnx(onnx_in: str | Path, onnx_out: str | Path, cfg: TieConfig | None = 
     result = OnnxTieResult(report, notes=[loss.text(onnx_out.name) for loss in report.losses()])
     if merged is not None:
         x = inputs if inputs is not None else graph_inputs(merged)  # token-like ints in [0, 2)
-        result.verification = verify(onnx_out, merged, x, provider=export.provider, atol=export.atol,
-                                     rtol=export.rtol, original=onnx_in, measure_runtime=False)
+        try:
+            result.verification = verify(onnx_out, merged, x, provider=export.provider, atol=export.atol,
+                                         rtol=export.rtol, original=onnx_in, measure_runtime=False)
+        except BadInputError as e:
+            unrunnable = _unrunnable(onnx_in, x, export.provider)
+            if unrunnable is None:  # the input runs and the tied file does not: that is ours to report
+                raise
+            result.notes.append(f"{onnx_out.name} not checked in onnxruntime: it cannot run the input model "
+                                f"either ({unrunnable})")
     if export.strict:
         check_strict([report], onnx_out.parent)
     return result
+
+
+def _unrunnable(path: Path, inputs, provider: str) -> str | None:
+    """Why onnxruntime cannot run the model at `path` (in a child process), or None when it can."""
+    try:
+        verify(path, path, inputs, provider=provider, measure_runtime=False)
+    except BadInputError as e:
+        return str(e).split(": ", 1)[-1]
+    return None
 
 
 def graph_inputs(proto: onnx.ModelProto) -> tuple[torch.Tensor, ...]:
