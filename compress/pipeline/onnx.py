@@ -102,7 +102,7 @@ def tie_onnx(onnx_in: str | Path, onnx_out: str | Path, cfg: TieConfig | None = 
         try:
             result.verification = verify(onnx_out, merged, x, provider=export.provider, atol=export.atol,
                                          rtol=export.rtol, original=onnx_in, measure_runtime=False)
-        except BadInputError as e:
+        except BadInputError:
             unrunnable = _unrunnable(onnx_in, x, export.provider)
             if unrunnable is None:  # the input runs and the tied file does not: that is ours to report
                 raise
