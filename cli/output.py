@@ -37,9 +37,10 @@ def print_export(out, report) -> None:
     """An export report's table, its notes and a one-line summary."""
     out.print(report.to_table())
     for note in report.notes:
-        out.print(f"note: {note}")
-    out.print(f"wrote {', '.join(report.files)}: {report.file_bytes:,} bytes ({report.ratio_to_dense:.3f}x dense, "
-              f"{report.ratio_to_bound:.3f}x the bound)")
+        out.print(f"note: {note}", soft_wrap=True)
+    ratios = (f" ({report.ratio_to_dense:.3f}x dense, {report.ratio_to_bound:.3f}x the bound)"
+              if report.dense_reference_bytes else "")
+    out.print(f"wrote {', '.join(report.files)}: {report.file_bytes:,} bytes{ratios}", soft_wrap=True)
 
 
 def print_verification(out, v, *, header: bool = True) -> None:

@@ -1,16 +1,18 @@
 """onnxruntime sessions for codebook models, in the default or the memory-saving mode.
 
-By default onnxruntime constant-folds `Cast -> Gather` when the session loads: the file is small but
-the weights are dense in memory, and inference runs at dense speed. `keep_compressed=True` turns
-constant folding off, so only codebooks and indices stay resident and each run decodes the weights
-it needs. It also turns off the CPU memory arena and memory patterns: with them on, the arena keeps
-every run's decoded weights and memory ends up *higher* than the default mode. Measured on a
-4096x4096 4-bit linear layer (ORT 1.32 CPU): default +82 MB resident, 18 ms per run;
-keep_compressed +19 MB resident (+147 MB peak while a run decodes), 300 ms per run; constant
-folding off with the arena on: +282 MB. On glibc, decoded tensors under 32 MB go back to the heap,
-not the OS (malloc's adaptive mmap threshold), so for mid-sized models keep_compressed only saves
-memory with `MALLOC_MMAP_THRESHOLD_=131072` in the environment (1024x1024 4-bit: 62 MB resident
-without it, 11 MB with it, vs 14 MB default). `verify` measures both modes.
+Default mode (a plain `onnxruntime.InferenceSession`, any options): onnxruntime constant-folds each
+decode when the session loads, so the weights are dense in memory and inference runs at dense
+speed. The exported graph is shaped so that this costs no more memory than the fp32 model: layout
+ops (transposes) are applied to the indices, and an embedding table read by a Gather is never
+decoded whole (its rows are gathered from the indices at run time).
+
+`keep_compressed=True` keeps the weights as codebook + indices in memory and decodes them at every
+run: constant folding off, and the CPU arena shrunk after every run so the decode buffers go back
+(`make_session` returns a session whose `run` asks for that; with the arena off, or kept unshrunk,
+glibc or the arena hold the decode buffers of a run: measured 57 MB and 278 MB resident on MiniLM
+and a 4096x4096 layer, against 37 MB and 87 MB shrunk). It pays the decode at every run: about
+1 ns per weight on these CPUs, so it suits large batches better than batch-1 latency; see
+BENCHMARKS.md ("Runtime") for the measured ratios. `verify` measures both modes.
 
 Example::
 
@@ -32,9 +34,11 @@ import numpy as np
 from .errors import BadInputError, CompressError
 from .records import Record
 
-# Constant folding is what expands Cast -> Gather into dense weights at load; the other optimizers stay on
+# Constant folding is what expands the decode into dense weights at load; the other optimizers stay on
 # (turning them all off, ORT_DISABLE_ALL, measured the same memory and latency).
 _CONFIG = {"optimization.disable_specified_optimizers": "ConstantFolding"}
+# After each run the arena returns the chunks the run freed (the decoded weights) to the system.
+_SHRINK = "memory.enable_memory_arena_shrinkage"
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _PACKAGE_FOR = {"CUDAExecutionProvider": "onnxruntime-gpu (pip install 'compress[gpu]') and a CUDA GPU",
                 "TensorrtExecutionProvider": "onnxruntime-gpu with TensorRT",
@@ -64,9 +68,21 @@ def session_options(keep_compressed: bool = False):
     if keep_compressed:
         for key, value in _CONFIG.items():
             opts.add_session_config_entry(key, value)
-        opts.enable_cpu_mem_arena = False
-        opts.enable_mem_pattern = False
     return opts
+
+
+def compressed_run_options(provider: str = "cpu"):
+    """RunOptions of the keep-compressed mode: shrink the arenas after the run (`arena_devices`)."""
+    import onnxruntime as ort
+
+    opts = ort.RunOptions()
+    opts.add_run_config_entry(_SHRINK, arena_devices(provider))
+    return opts
+
+
+def arena_devices(provider: str) -> str:
+    """The arenas to shrink after a run: the CPU's, and the GPU's under the CUDA provider."""
+    return "cpu:0;gpu:0" if PROVIDER_ALIASES.get(provider.lower(), provider) == "CUDAExecutionProvider" else "cpu:0"
 
 
 def make_session(path: str | Path, provider: str = "cpu", keep_compressed: bool = False):
@@ -88,15 +104,58 @@ def make_session(path: str | Path, provider: str = "cpu", keep_compressed: bool 
     path = Path(path)
     name = resolve_provider(provider)
     read_onnx(path, load_data=False)
+    release_freed_memory()  # the check parsed the protobuf in Python: give those pages back
     try:
-        session = ort.InferenceSession(str(path), session_options(keep_compressed), providers=[name])
+        kind = _compressed_session_type() if keep_compressed else ort.InferenceSession
+        session = kind(str(path), session_options(keep_compressed), providers=[name])
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadInputError(f"{path}: onnxruntime could not load the model: {first}") from e
     if session.get_providers()[0] != name:
         raise CompressError(f"{path}: onnxruntime fell back to {session.get_providers()[0]} instead of {name}; "
                             f"check the {name} installation")
+    release_freed_memory()  # what onnxruntime freed while it loaded (constant folding's intermediates)
     return session
+
+
+def release_freed_memory() -> None:
+    """Return freed heap pages to the system (glibc's `malloc_trim`; a no-op elsewhere).
+
+    glibc keeps freed blocks under its mmap threshold in the heap, so memory freed while a model was
+    parsed or folded would otherwise stay resident for the life of the process.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        return
+    if trim is not None:
+        trim(0)
+
+
+_SESSION_TYPE = None
+
+
+def _compressed_session_type():
+    """`onnxruntime.InferenceSession` whose `run` shrinks the arenas afterwards unless told otherwise."""
+    global _SESSION_TYPE
+    if _SESSION_TYPE is None:
+        import onnxruntime as ort
+
+        class CompressedSession(ort.InferenceSession):
+            """A session that keeps the weights compressed: each run decodes them, then frees the buffers."""
+
+            def run(self, output_names, input_feed, run_options=None):
+                if run_options is None:
+                    run_options = compressed_run_options(self.get_providers()[0])
+                return super().run(output_names, input_feed, run_options)
+
+        _SESSION_TYPE = CompressedSession
+    return _SESSION_TYPE
 
 
 def feed(session, inputs) -> dict[str, np.ndarray]:
@@ -156,7 +215,7 @@ def measure(path: str | Path, inputs, *, provider: str = "cpu", keep_compressed:
             files.append(str(Path(tmp) / f"input{i}.npy"))
             np.save(files[-1], arr)
         job = {"path": str(path), "provider": name, "keep_compressed": keep_compressed, "config": _CONFIG,
-               "runs": runs, "inputs": files}
+               "shrink": {_SHRINK: arena_devices(name)}, "runs": runs, "inputs": files}
         proc = subprocess.run([sys.executable, "-c", _CHILD], check=False, input=json.dumps(job),
                               capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if proc.returncode != 0:
@@ -185,27 +244,39 @@ def memory_mb(field):
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+def release_freed_memory():  # as compress.runtime.make_session does
+    import ctypes, ctypes.util
+    name = ctypes.util.find_library("c")
+    try:
+        trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        trim = None
+    if trim is not None:
+        trim(0)
+
 job = json.loads(sys.stdin.read())
 inputs = [np.load(f) for f in job["inputs"]]
 base = memory_mb("VmRSS")
 opts = ort.SessionOptions()
 opts.log_severity_level = 3
+run_opts = ort.RunOptions()
 if job["keep_compressed"]:
     for key, value in job["config"].items():
         opts.add_session_config_entry(key, value)
-    opts.enable_cpu_mem_arena = False
-    opts.enable_mem_pattern = False
+    for key, value in job["shrink"].items():
+        run_opts.add_run_config_entry(key, value)
 start = time.perf_counter()
 session = ort.InferenceSession(job["path"], opts, providers=[job["provider"]])
+release_freed_memory()
 load = time.perf_counter() - start
 if session.get_providers()[0] != job["provider"]:
     sys.exit("session fell back to " + session.get_providers()[0])
 fed = {i.name: a for i, a in zip(session.get_inputs(), inputs)}
-session.run(None, fed)
+session.run(None, fed, run_opts)
 times = []
 for _ in range(max(job["runs"], 1)):
     t = time.perf_counter()
-    session.run(None, fed)
+    session.run(None, fed, run_opts)
     times.append((time.perf_counter() - t) * 1000)
 print(json.dumps({"load_s": load, "latency_ms": statistics.median(times),
                   "rss_mb": memory_mb("VmRSS") - base, "peak_mb": memory_mb("VmHWM") - base}))

@@ -67,7 +67,7 @@ def test_keep_compressed_session_keeps_the_decode(exported, tmp_path):
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         graph = onnx.load(opts.optimized_model_filepath, load_external_data=False).graph
         # compressed: still decoded at run time; default: folded into dense weights at load
-        assert ("Gather" in {n.op_type for n in graph.node}) is keep
+        assert ("GatherElements" in {n.op_type for n in graph.node}) is keep
 
 
 def test_runtime_is_measured_in_both_modes(exported):

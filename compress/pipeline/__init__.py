@@ -7,6 +7,7 @@
 """
 
 from .checkpoint import StreamResult, StreamTensor, audit_checkpoint, output_dir_for, tie_checkpoint
+from .export import export_file
 from .onnx import tie_onnx
 from .report import TieReport
 from .route import route, tie_file
@@ -20,6 +21,7 @@ __all__ = [
     "TieReport",
     "TieResult",
     "audit_checkpoint",
+    "export_file",
     "output_dir_for",
     "output_paths",
     "route",
