@@ -12,7 +12,7 @@ from compress.errors import BadInputError
 from compress.io import is_safetensors_checkpoint, load, open_checkpoint
 
 from . import options
-from .output import emit
+from .output import echo, emit, escaped
 
 
 @click.command("audit")
@@ -37,12 +37,14 @@ def command(path: Path, tolerance: float | None, tie_tolerance: float | None, js
             check_output(Path(out), force=force, inputs=[path])
     # safetensors are read through a memory map opened per tensor, so memory stays flat with size
     loaded = open_checkpoint(path) if is_safetensors_checkpoint(path) else load(path, trust_pickle=trust_pickle)
+    for note in loaded.notes:  # e.g. TorchScript code that was not run
+        echo(f"note: {note}", err=True)
     report = audit(loaded, cfg)
     shown = top or None
 
     def show(out):
         if markdown:
-            click.echo(report.to_markdown(shown))
+            click.echo(escaped(report).to_markdown(shown))  # names from the file, control characters escaped
         elif json_path != "-":
             out.print(report.to_table(shown))
 
@@ -54,4 +56,4 @@ def command(path: Path, tolerance: float | None, tie_tolerance: float | None, js
         from compress.plot import plot_audit
 
         plot_audit(report, loaded.tensors, plot_path, force=force, inputs=[path])
-        click.echo(f"wrote {plot_path}", err=True)
+        echo(f"wrote {plot_path}", err=True)

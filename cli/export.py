@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from compress.atomic import check_output
+from compress.atomic import all_or_nothing, check_output
 from compress.pipeline import export_file
 
 from . import options
@@ -32,12 +32,14 @@ def command(model: Path, onnx_path: Path | None, st_path: Path | None, ort_path:
     """
     if json_path and json_path != "-":
         check_output(Path(json_path), force=force, inputs=[model])
-    reports = export_file(model, onnx=onnx_path, safetensors=st_path, ort=ort_path, codebook_dtype=codebook_dtype,
-                          dedup=not no_dedup, trust_pickle=trust_pickle, force=force)
+    with all_or_nothing():  # the exports and the JSON report appear together or not at all
+        reports = export_file(model, onnx=onnx_path, safetensors=st_path, ort=ort_path,
+                              codebook_dtype=codebook_dtype, dedup=not no_dedup, trust_pickle=trust_pickle,
+                              force=force)
 
-    def show(out):
-        for report in reports.values():
-            print_export(out, report)
+        def show(out):
+            for report in reports.values():
+                print_export(out, report)
 
-    emit(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2), json_path, show, force=force,
-         inputs=[model])
+        emit(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2), json_path, show, force=force,
+             inputs=[model])

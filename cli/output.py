@@ -1,24 +1,77 @@
 """What the commands print: consoles sized for terminals and logs, JSON to a file or stdout, and the
-shared renderings of export reports and verification results."""
+shared renderings of export reports and verification results.
+
+Names come from files (tensor names in a safetensors header, paths, ONNX node names), so nothing is
+printed as it came: control, format and separator characters (an escape that clears the screen, a
+newline that forges a table row or a second `error:` line, a bidi override that reorders text) are
+written as escapes (`\\x1b`, `\\n`, `\\u202e`) in every table, note and error line (`printable`),
+and rich markup is off, so `[red]` in a name is text.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from compress.atomic import write_text_atomic
 
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    """`text` with every character that is not printable written as an escape.
+
+    >>> printable("fc1.weight\x1b[2J\\n\u202eok")
+    'fc1.weight\\\\x1b[2J\\\\n\\\\u202eok'
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(c: str) -> str:
+    code = ord(c)
+    return _NAMED.get(c) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+                             else f"\\U{code:08x}")
+
+
+def echo(text: str, *, err: bool = False, nl: bool = True) -> None:
+    """`click.echo` of one line of text, made printable."""
+    click.echo(printable(text), err=err, nl=nl)
+
+
+def escaped(record: Any) -> Any:
+    """A copy of a result record whose strings are all printable (for renderings that are not rich's,
+    such as markdown)."""
+    return type(record).from_dict(_escape_strings(record.to_dict()))
+
+
+def _escape_strings(value: Any) -> Any:
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {(printable(k) if isinstance(k, str) else k): _escape_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escape_strings(v) for v in value]
+    return value
+
 
 def console(stderr: bool = False):
-    """A rich console; a pipe or a CI log gets a wide table rather than rich's 80-column default."""
+    """A rich console that escapes what it prints (`printable`); a pipe or a CI log gets a wide table
+    rather than rich's 80-column default."""
     from rich.console import Console
+
+    class _Printable(Console):
+        def render_str(self, text: str, **kw):
+            return super().render_str(printable(text), **kw)
 
     stream = sys.stderr if stderr else sys.stdout
     wide = not stream.isatty() and "COLUMNS" not in os.environ
-    return Console(width=160 if wide else None, soft_wrap=False, stderr=stderr)
+    return _Printable(width=160 if wide else None, soft_wrap=False, stderr=stderr, markup=False)
 
 
 def emit(text: str, json_path: str | None, show, *, force: bool, inputs: list[Path]) -> None:
@@ -30,7 +83,7 @@ def emit(text: str, json_path: str | None, show, *, force: bool, inputs: list[Pa
         click.echo(text, nl=not text.endswith("\n"))
     elif json_path:
         write_text_atomic(json_path, text, force=force, inputs=inputs)
-        click.echo(f"wrote {json_path}", err=True)
+        echo(f"wrote {json_path}", err=True)
 
 
 def print_export(out, report) -> None:

@@ -41,13 +41,12 @@ def command(model: Path, reference: Path, original: Path | None, data_path: Path
         result = verify_safetensors(model, ref.module if ref.module is not None else ref.tensors)
     else:
         resolve_provider(provider)  # an unavailable provider fails before any model runs
-        if ref.module is None:
-            raise BadInputError(f"{reference}: not a runnable model ({ref.kind}); give the merged .pt2")
+        ref.require_module("verify --reference")
         splits = load_data(data_path) if data_path else None
         inputs = splits.test_inputs if splits else ref.example_inputs
         if inputs is None:
             raise BadInputError(f"{reference} has no example inputs; pass --data FILE")
-        base = load(original, trust_pickle=trust_pickle).module if original else None
+        base = load(original, trust_pickle=trust_pickle).require_module("verify --original") if original else None
         result = verify(model, ref.module, inputs, provider=provider, atol=atol, rtol=rtol, original=base,
                         runs=runs, keep_compressed=keep_compressed,
                         targets=splits.test_targets if splits else None)

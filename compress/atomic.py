@@ -15,12 +15,24 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import BadInputError, CompressError, Option
+from .errors import BadInputError, Option
 
 TMP_PREFIX = ".compress-tmp-"
 # Temporary files and folders this process has made and not yet renamed or removed: an interrupt
 # (Ctrl-C) can land anywhere, even inside a `finally`, so the CLI's handler sweeps what is left.
 _PENDING: set[Path] = set()
+# Outputs this process has put in place, in order: after an interrupt the CLI says which are complete.
+_WRITTEN: list[Path] = []
+
+
+def written() -> list[Path]:
+    """Every output this process has renamed into place so far (each is complete)."""
+    return list(_WRITTEN)
+
+
+def record_written(path: Path | str) -> None:
+    """Note an output put in place by a rename outside `atomic_outputs` (a folder moved into place)."""
+    _WRITTEN.append(Path(path))
 
 
 def cleanup_pending() -> None:
@@ -66,17 +78,20 @@ def atomic_outputs(paths: Sequence[Path | str], *, force: bool = False,
                    inputs: Sequence[Path | str] = ()) -> Iterator[list[Path]]:
     """Yield temporary paths to write; on success rename each onto its target, on failure delete them.
 
+    An operating-system error on the way (no permission, no space, a file-size limit, a parent that is
+    not a folder) becomes one `BadInputError` naming the output, with nothing written.
+
     Example::
 
         with atomic_outputs(["out/model.onnx", "out/model.onnx.data"]) as (onnx_tmp, data_tmp):
             ...  # write both; they appear together, or not at all
     """
     targets = [Path(p) for p in paths]
-    for t in targets:
-        check_output(t, force=force, inputs=[Path(i) for i in inputs])
-        t.parent.mkdir(parents=True, exist_ok=True)
     temps: list[Path] = []
     try:
+        for t in targets:
+            check_output(t, force=force, inputs=[Path(i) for i in inputs])
+            t.parent.mkdir(parents=True, exist_ok=True)
         for t in targets:
             fd, name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + t.name, dir=t.parent)
             os.close(fd)
@@ -87,18 +102,98 @@ def atomic_outputs(paths: Sequence[Path | str], *, force: bool = False,
             fsync(tmp)
             _keep_mode(tmp, t)
         for tmp, t in reversed(list(zip(temps, targets))):
-            os.replace(tmp, t)
+            _put_in_place(tmp, t)
             _PENDING.discard(tmp)
         temps = []
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise CompressError(f"{targets[0].parent}: no space left on device; nothing was written") from e
-        raise
+        raise write_error(targets[0].parent, e) from e
     finally:
         for tmp in temps:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             _PENDING.discard(tmp)
+
+
+def write_error(where: Path | str, e: BaseException) -> BadInputError:
+    """One line for an error the system (or a writer library) gave while writing into `where`."""
+    code = getattr(e, "errno", None)
+    text = str(e).strip()
+    reason = _REASONS.get(code) or getattr(e, "strerror", None) or _reason_in(text) or text.splitlines()[0][:160]
+    return BadInputError(f"{where}: {reason}; nothing was written")
+
+
+def _reason_in(text: str) -> str | None:
+    """The reason inside a writer library's message that wraps an OS error (`... (os error 28)`)."""
+    for code, reason in _REASONS.items():
+        if f"os error {code})" in text or os.strerror(code) in text:
+            return reason
+    return None
+
+
+_REASONS = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large: a file-size limit (ulimit -f?)",
+            errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+            errno.EROFS: "read-only file system", errno.EDQUOT: "disk quota exceeded",
+            errno.ENOTDIR: "a parent of the path is not a folder", errno.EISDIR: "the path is a folder"}
+
+
+# --- several outputs that appear together or not at all -----------------------------------------------
+
+_GROUP: list[list[tuple[Path, Path | None]]] = []  # open `all_or_nothing` blocks: (output, backup of the old)
+
+
+@contextlib.contextmanager
+def all_or_nothing() -> Iterator[None]:
+    """Outputs written inside the block stay only if the whole block succeeds.
+
+    On any exception (a full disk on the second file, Ctrl-C) every output the block put in place is
+    removed again and a file it replaced is restored, so a pair such as `x.onnx` + `x.safetensors`
+    is never left half written.
+
+    Example::
+
+        with all_or_nothing():
+            export_onnx(model, codebooks, "out/x.onnx", inputs)
+            export_safetensors(model, codebooks, "out/x.safetensors")
+    """
+    placed: list[tuple[Path, Path | None]] = []
+    _GROUP.append(placed)
+    try:
+        yield
+    except BaseException:
+        for target, backup in reversed(placed):
+            with contextlib.suppress(OSError):
+                if backup is not None:
+                    os.replace(backup, target)
+                else:
+                    target.unlink()
+            with contextlib.suppress(ValueError):
+                _WRITTEN.remove(target)
+            if backup is not None:
+                _PENDING.discard(backup)
+        raise
+    else:
+        for _, backup in placed:
+            if backup is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    backup.unlink()
+                _PENDING.discard(backup)
+    finally:
+        _GROUP.remove(placed)
+
+
+def _put_in_place(tmp: Path, target: Path) -> None:
+    backup = None
+    if _GROUP and target.exists() and not target.is_dir():
+        fd, name = tempfile.mkstemp(prefix=TMP_PREFIX + "old-", dir=target.parent)
+        os.close(fd)
+        backup = Path(name)
+        _PENDING.add(backup)
+        os.replace(target, backup)
+    os.replace(tmp, target)
+    if not any(parent in _PENDING for parent in target.parents):  # a staging folder's files are not outputs yet
+        _WRITTEN.append(target)
+    if _GROUP:
+        _GROUP[-1].append((target, backup))
 
 
 def write_bytes_atomic(path: Path | str, data: bytes, *, force: bool = False,

@@ -28,6 +28,8 @@ FORMAT_VERSION = 1
 GRANULARITIES = KINDS
 FILE_FORMAT = "codebook"  # `compress.format` in the metadata of the codebook safetensors files
 FILE_FORMAT_VERSION = 1
+_MAX_DIM = 1 << 48
+_MAX_RANK = 64
 
 
 def bits_for(k: int) -> int:
@@ -168,10 +170,12 @@ class Recipe(Record):
         if not 1 <= kw["bits"] <= 16 or not 1 <= kw["k"] <= 1 << kw["bits"]:
             raise BadInputError(f"{where}: bits {kw['bits']} and k {kw['k']} do not fit (1 <= k <= 2**bits, "
                                 "bits <= 16)")
-        if any(s < 0 for s in kw["shape"]):
-            raise BadInputError(f"{where}: shape {kw['shape']} has a negative dimension")
+        if any(s < 0 or s > _MAX_DIM for s in kw["shape"]) or len(kw["shape"]) > _MAX_RANK:
+            raise BadInputError(f"{where}: shape {kw['shape'][:8]} has a negative or absurd dimension")
         if kw["granularity"] not in KINDS:
             raise BadInputError(f"{where}: unknown granularity {kw['granularity']!r}")
+        if kw["granularity"] == "group" and (kw.get("group_size") is None or kw["group_size"] < 1):
+            raise BadInputError(f"{where}: granularity 'group' needs a group_size >= 1, got {kw.get('group_size')!r}")
         if not isinstance(getattr(torch, kw["dtype"], None), torch.dtype) or kw["dtype"].startswith("_"):
             raise BadInputError(f"{where}: unknown dtype {kw['dtype']!r}")
 

@@ -143,6 +143,9 @@ def _fit(data: _Sorted, x: np.ndarray, uniq: np.ndarray, k: int, max_iter: int, 
         if best is None or sse < best[1] - 1e-12 * max(abs(best[1]), 1.0):
             best = (centers, sse, iters)
     centers, sse, iters = best
+    # cluster means come from prefix sums, which lose a value far below its neighbours' magnitude
+    # (2e-311 next to 1.0): two clusters of such values can get the same mean; keep one of each
+    centers = np.unique(centers)
     return KMeans1D(centers, assign(x, centers) if labels else None, float(sse), iters, _max_error(data, centers))
 
 

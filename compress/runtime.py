@@ -33,6 +33,7 @@ import numpy as np
 
 from .errors import BadInputError, CompressError
 from .records import Record
+from .sandbox import RunBudget, run_limited
 
 # Constant folding is what expands the decode into dense weights at load; the other optimizers stay on
 # (turning them all off, ORT_DISABLE_ALL, measured the same memory and latency).
@@ -201,10 +202,11 @@ class RuntimeStats(Record):
 
 
 def measure(path: str | Path, inputs, *, provider: str = "cpu", keep_compressed: bool = False,
-            runs: int = 20, scratch: str | Path | None = None) -> RuntimeStats:
+            runs: int = 20, scratch: str | Path | None = None, budget: RunBudget | None = None) -> RuntimeStats:
     """Measure a session in a fresh Python process (so memory is the session's alone).
 
-    `inputs` are written as .npy files to `scratch` (a temporary folder by default).
+    `inputs` are written as .npy files to `scratch` (a temporary folder by default). The process is
+    stopped when it exceeds `budget` (time and memory; none by default).
     """
     import tempfile
 
@@ -216,8 +218,13 @@ def measure(path: str | Path, inputs, *, provider: str = "cpu", keep_compressed:
             np.save(files[-1], arr)
         job = {"path": str(path), "provider": name, "keep_compressed": keep_compressed, "config": _CONFIG,
                "shrink": {_SHRINK: arena_devices(name)}, "runs": runs, "inputs": files}
-        proc = subprocess.run([sys.executable, "-c", _CHILD], check=False, input=json.dumps(job),
-                              capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        if budget is None:
+            proc = subprocess.run([sys.executable, "-c", _CHILD], check=False, input=json.dumps(job),
+                                  capture_output=True, text=True, env=env)
+        else:
+            proc = run_limited([sys.executable, "-c", _CHILD], json.dumps(job), budget,
+                               f"{path}: measuring the onnxruntime session", env=env)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise CompressError(f"{path}: measuring the onnxruntime session failed: {last}")

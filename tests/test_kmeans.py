@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from compress.kmeans import assign, fewest_centers, kmeans_1d, kmeans_groups
@@ -67,6 +67,7 @@ def test_weighted_optimal_against_every_contiguous_partition(values, weights, k)
 @settings(max_examples=100, deadline=None)
 @given(values=st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=300).map(np.array),
        k=st.integers(1, 40))
+@example(values=np.array([0.0, 1.0, 2.0, 3.0, 2.225073858507e-311, -1.0, -2.257286911544144e-68]), k=6)
 def test_at_most_k_sorted_centres_labels_in_range_and_nearest(values, k):
     r = kmeans_1d(values, k)
     assert 1 <= len(r.centers) <= k

@@ -21,7 +21,7 @@ from tests.helpers import ROOT
 
 LAYERS = [
     {"errors"},
-    {"units", "records", "granularity", "registry", "kmeans", "packing", "execution", "atomic"},
+    {"units", "records", "granularity", "registry", "kmeans", "packing", "execution", "atomic", "sandbox"},
     {"codebook", "state"},
     {"io"},
     {"auditing", "plot"},

@@ -387,7 +387,7 @@ def _torch_bytes(t: torch.Tensor) -> bytes:
 
 
 def _min_ir(proto: onnx.ModelProto) -> int:
-    return helper.find_min_ir_version_for(list(proto.opset_import))
+    return helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)  # custom domains
 
 
 def _opset(proto: onnx.ModelProto) -> int | None:

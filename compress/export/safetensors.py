@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..atomic import atomic_outputs
+from ..atomic import atomic_outputs, write_error
 from ..codebook import FILE_FORMAT, FILE_FORMAT_VERSION, Codebooks, TensorCodebook
 from ..errors import BadInputError
 from ..packing import PACKING, pack_bits, packed_size
@@ -45,6 +45,7 @@ def export_safetensors(model_or_state_dict: nn.Module | Mapping[str, torch.Tenso
         report = export_safetensors(model, codebooks, "out/model.safetensors")
         tensors = compress.io.load_codebook_safetensors("out/model.safetensors")   # dense, the merged values
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -65,7 +66,10 @@ def export_safetensors(model_or_state_dict: nn.Module | Mapping[str, torch.Tenso
                 "compress.aliases": json.dumps(aliases, sort_keys=True)}
     _check_names(tensors, path)
     with atomic_outputs([path], force=force) as (tmp,):
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # the Rust writer's I/O errors (no space, file too large) come as this
+            raise write_error(path.parent, e) from e
     size = path.stat().st_size
     data = sum(e.actual_bytes for e in entries)
     merged_dense = sum(cb.numel * cb.codebook.element_size() for cb in codebooks.tensors.values())

@@ -23,7 +23,6 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..codebook import FILE_FORMAT, FILE_FORMAT_VERSION, Recipe
@@ -138,14 +137,18 @@ def _check_recipes(recipes: dict[str, Recipe], header, path: Path) -> None:
                                 f"file has {list(idx.shape)} ({idx.dtype}); the file is corrupt")
         cb = header.tensors[r.codebook]
         groups = r.grain.groups_for(tuple(r.shape))
-        if cb.shape != (groups, r.k) or not cb.torch_dtype.is_floating_point:
-            raise BadInputError(f"{path}: `{name}` needs a float codebook of shape [{groups}, {r.k}], the file has "
-                                f"{list(cb.shape)} ({cb.dtype}); the file is corrupt")
+        if cb.shape != (groups, r.k) or str(cb.torch_dtype).removeprefix("torch.") != r.dtype:
+            raise BadInputError(f"{path}: `{name}` needs a {r.dtype} codebook of shape [{groups}, {r.k}], the file "
+                                f"has {list(cb.shape)} ({cb.dtype}); the file is corrupt")
 
 
 def decode_recipe(name: str, recipe: Recipe, codebook: torch.Tensor, packed: torch.Tensor,
                   path: Path) -> torch.Tensor:
-    """The dense tensor a recipe describes, from its codebook and packed indices."""
+    """The dense tensor a recipe describes, from its codebook and packed indices.
+
+    Decoded `_DECODE_CHUNK` elements at a time, so the memory beyond the result stays small whatever
+    the shape (unpacking all indices at once took 8 bytes per index bit).
+    """
     shape = tuple(recipe.shape)
     n = math.prod(shape)
     if recipe.packing != PACKING:
@@ -154,12 +157,26 @@ def decode_recipe(name: str, recipe: Recipe, codebook: torch.Tensor, packed: tor
         raise BadInputError(f"{path}: `{name}` needs {packed_size(n, recipe.bits)} packed index bytes, the file "
                             f"has {packed.numel()} ({packed.dtype}); the file is corrupt")
     k = codebook.shape[-1]
-    indices = torch.from_numpy(unpack_bits(packed.numpy(), recipe.bits, n).astype(np.int64)).reshape(shape)
-    if n and int(indices.max()) >= k:
-        raise BadInputError(f"{path}: `{name}` has index {int(indices.max())} for a codebook of {k} values; "
-                            f"the file is corrupt")
-    offsets = recipe.grain.row_offsets(shape, k)
-    return codebook.reshape(-1)[(indices + offsets).reshape(-1)].reshape(shape)
+    flat = codebook.reshape(-1)
+    raw = packed.numpy()
+    row_len = math.prod(shape[1:]) if len(shape) > 1 else 1
+    grain = recipe.grain
+    out = torch.empty(n, dtype=codebook.dtype)
+    for start in range(0, n, _DECODE_CHUNK):
+        stop = min(n, start + _DECODE_CHUNK)
+        chunk = raw[start * recipe.bits // 8: packed_size(stop, recipe.bits)]
+        indices = torch.from_numpy(unpack_bits(chunk, recipe.bits, stop - start))
+        if int(indices.max()) >= k:
+            raise BadInputError(f"{path}: `{name}` has index {int(indices.max())} for a codebook of {k} values; "
+                                f"the file is corrupt")
+        if grain.kind != "tensor" and len(shape):
+            rows = torch.arange(start, stop, dtype=torch.int64) // row_len
+            indices += (rows if grain.kind == "channel" else rows // grain.size) * k
+        out[start:stop] = flat[indices]
+    return out.reshape(shape)
+
+
+_DECODE_CHUNK = 1 << 18  # a multiple of 8, so every chunk starts on a byte of the packed stream
 
 
 def _retie(out: dict[str, torch.Tensor], aliases: dict[str, dict], path: Path) -> None:

@@ -13,6 +13,7 @@ from ..errors import BadInputError
 from ._errors import library_call
 from .loaded import DataSplits
 from .safety.pickle import weights_only_load
+from .safety.tensors import check_tensor
 from .safety.zip import check_archive, is_zip
 from .sniff import check_file, is_pickle, pickle_head
 from .torch_save import describe_object
@@ -86,13 +87,22 @@ def _targets(obj: Mapping, key: str, inputs: torch.Tensor, path: Path) -> torch.
 def _tensor(value: Any, key: str, path: Path) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise BadInputError(f"{path}: {key} is a {type(value).__name__}, expected a tensor")
-    if value.dtype == torch.bool or value.is_complex() or not (value.is_floating_point() or _is_int(value)):
+    check_tensor(str(path), key, value, what="data tensor")  # dense, CPU, real, no view inflating its storage
+    if value.dtype == torch.bool or not (value.is_floating_point() or _is_int(value)):
         raise BadInputError(f"{path}: {key} has dtype {value.dtype}; use a float or integer tensor")
-    if value.is_floating_point():
+    if value.is_floating_point() and value.numel():
         bad = int((~torch.isfinite(value)).sum())
         if bad:
             raise BadInputError(f"{path}: {key} has {bad} NaN or infinite values; clean the data")
+        largest = float(value.abs().max())
+        if largest > MAX_MAGNITUDE:
+            raise BadInputError(f"{path}: {key} has values up to {largest:.3g}; values beyond {MAX_MAGNITUDE:.2g} "
+                                "overflow float32 arithmetic (their squares are infinite): rescale the data")
     return value
+
+
+# sqrt(float32 max): a larger input's square is infinite in float32, and fine-tuning on it ends in NaN
+MAX_MAGNITUDE = 1.8e19
 
 
 def _is_int(t: torch.Tensor) -> bool:

@@ -16,6 +16,7 @@ from . import safetensors as st_reader
 from ._errors import library_call
 from .loaded import Loaded, file_sha256
 from .pt2 import load_pt2
+from .safety.tensors import check_tensors
 from .safety.zip import check_archive, is_zip
 from .sniff import check_file, is_pickle
 from .torch_save import SUPPORTED, load_pickle, load_torch_save
@@ -58,6 +59,9 @@ def load(path: Path | str, *, trust_pickle: bool = False) -> Loaded:
         loaded = _load_sharded(path)
     else:
         raise BadInputError(f"{path}: unrecognized model file (starts with {head[:8]!r}); {SUPPORTED}")
+    if loaded.kind not in ("safetensors", "onnx"):  # those two are checked from their headers, lazily read
+        check_tensors(str(path), loaded.tensors.items())
+        check_tensors(str(path), enumerate(loaded.example_inputs or ()), what="example input")
     loaded.sha256 = file_sha256(path)
     return loaded
 
@@ -71,7 +75,7 @@ def _load_zip(path: Path, trust: bool) -> Loaded:
         if "archive_format" in names or any(n.startswith("models/") for n in names):
             return load_pt2(path, zf, listing, trust)
         if "data.pkl" in names and ("constants.pkl" in names or any(n.startswith("code/") for n in names)):
-            return load_torchscript(path, trust)
+            return load_torchscript(path, zf, listing, trust)
         if "data.pkl" in names:
             return load_torch_save(path, zf.read(listing.entries["data.pkl"]), trust)
     raise BadInputError(f"{path}: a zip archive but not one torch writes (no data.pkl, no models/); "

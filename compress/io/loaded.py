@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import TRUST, BadInputError, UnsafePickleError
 from ._errors import library_call
 
 
@@ -34,6 +35,18 @@ class Loaded:
     program: Any = None  # torch.export.ExportedProgram for kind "pt2"
     onnx_model: Any = None  # onnx.ModelProto (external data not loaded) for kind "onnx"
     sha256: str = ""
+    notes: list[str] = field(default_factory=list)  # what the reader found or did, said to the user
+    untrusted_code: str = ""  # code the file carries that was not run (TorchScript): running it needs trust
+
+    def require_module(self, purpose: str) -> nn.Module:
+        """The runnable module, or an error saying why there is none (naming the trust flag when it would help)."""
+        if self.module is not None:
+            return self.module
+        if self.untrusted_code:
+            raise UnsafePickleError(f"{self.path}: {purpose} runs the model, but it is {self.untrusted_code}, which "
+                                    "was not run; pass ", TRUST, " only for files you trust")
+        raise BadInputError(f"{self.path}: {purpose} runs the model, but this {self.kind} file holds only tensors; "
+                            "give the .pt2 program")
 
     def describe(self) -> str:
         """One line: file, kind, tensor count and size, aliases, module and example inputs.
@@ -85,7 +98,7 @@ def find_aliases(named: Iterable[tuple[str, Any]]) -> dict[str, str]:
     first: dict[tuple, str] = {}
     out: dict[str, str] = {}
     for name, t in named:
-        if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.is_meta or t.layout != torch.strided:
+        if not isinstance(t, torch.Tensor) or t.is_nested or t.is_meta or t.layout != torch.strided or t.numel() == 0:
             continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.stride()), tuple(t.shape), t.dtype)
         if key in first:

@@ -28,6 +28,8 @@ from ._errors import library_call
 _KNOWN_KEYS = {"location", "offset", "length", "checksum"}
 _INT = re.compile(r"\d{1,19}\Z")
 _MAX_DIM = 1 << 62
+_MAX_EMPTY = 1 << 40
+_ORT_MEMORY = "_ORT_MEM_ADDR_"  # onnxruntime reads such a location from a raw memory address (the offset)
 _MAX_RANK = 64
 
 # ONNX TensorProto.DataType -> (torch dtype, bits per element)
@@ -89,10 +91,15 @@ def check_model(model, path: Path) -> dict[str, ExternalRef]:
 
 
 def all_tensors(model) -> Iterator:
+    """Every TensorProto of the model: initializers (sparse ones too), node attributes (`t`, `tensors`,
+    `sparse_tensor`, `sparse_tensors`), subgraphs, functions and `training_info` graphs."""
     yield from _graph_tensors(model.graph)
     for fn in model.functions:
         for node in fn.node:
             yield from _node_tensors(node)
+    for info in model.training_info:
+        for graph in (info.initialization, info.algorithm):
+            yield from _graph_tensors(graph)
 
 
 def _graph_tensors(graph) -> Iterator:
@@ -112,6 +119,9 @@ def _node_tensors(node) -> Iterator:
         if attr.HasField("sparse_tensor"):
             yield attr.sparse_tensor.values
             yield attr.sparse_tensor.indices
+        for sparse in attr.sparse_tensors:
+            yield sparse.values
+            yield sparse.indices
         if attr.HasField("g"):
             yield from _graph_tensors(attr.g)
         for g in attr.graphs:
@@ -122,6 +132,11 @@ def _check_dims(tensor, path: Path) -> None:
     dims = list(tensor.dims)
     if len(dims) > _MAX_RANK or any(d < 0 or d > _MAX_DIM for d in dims):
         raise BadInputError(f"{path}: initializer {tensor.name!r} has invalid dims {dims[:8]}")
+    # a non-empty tensor's dims are checked against its bytes; an empty one has no bytes to check them against,
+    # so its other dims must still make a size that numpy and torch can hold
+    if math.prod(dims) == 0 and math.prod(max(d, 1) for d in dims) > _MAX_EMPTY:
+        raise BadInputError(f"{path}: initializer {tensor.name!r} is empty but has dims {dims[:8]}; the file is "
+                            "corrupt")
     if tensor.data_type not in _TYPES:
         raise UnsupportedModelError(f"{path}: initializer {tensor.name!r} has ONNX data type "
                                     f"{tensor.data_type}, which compress cannot read (supported: numeric "
@@ -207,6 +222,9 @@ def _int_field(entries: dict[str, str], key: str, default: int, path: Path, name
 def _resolve(location: str, folder: Path, path: Path, name: str) -> tuple[Path, os.stat_result]:
     label = f"{path}: tensor {name!r} external data {location[:120]!r}"
     norm = os.path.normpath(location) if location else ""
+    if _ORT_MEMORY in location:
+        raise BadInputError(f"{label} is onnxruntime's in-memory marker (it would read this process's memory at the "
+                            "offset); refused")
     if (not location or "\x00" in location or "\\" in location or os.path.isabs(location)
             or re.match(r"[A-Za-z]:", location) or norm == ".." or norm.startswith("../") or norm == "."):
         raise BadInputError(f"{label} is absolute or escapes the model's folder; refused")

@@ -55,7 +55,7 @@ def check_external_data(proto: onnx.ModelProto, path: Path) -> None:
         info = {e.key: e.value for e in t.external_data}
         location = info.get("location", "")
         target = (folder / location).resolve()
-        if not location or os.path.isabs(location) or not target.is_relative_to(folder):
+        if not location or os.path.isabs(location) or not target.is_relative_to(folder) or "_ORT_MEM_ADDR_" in location:
             raise BadInputError(f"{path}: tensor `{t.name}` reads external data from {location!r}, outside "
                                 f"the model's folder; refusing to read it")
         if not target.is_file():

@@ -205,6 +205,9 @@ def _shard_path(index: Path, folder: Path, file: str) -> Path:
         raise BadInputError(f"{index}: shard {file!r} resolves outside the index's folder (symlink); refused")
     if not real.is_file():
         raise BadInputError(f"{index}: shard {file!r} is not a regular file")
+    if real.stat().st_nlink > 1:  # a hard link is another name for a file that may live anywhere
+        raise BadInputError(f"{index}: shard {file!r} has {real.stat().st_nlink} hard links; refused (copy the file "
+                            "instead)")
     return shard
 
 

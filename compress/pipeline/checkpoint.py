@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import TMP_PREFIX, fsync
+from ..atomic import TMP_PREFIX, fsync, record_written, write_error
 from ..auditing import AuditConfig, AuditReport, audit, find_tensor_ties
 from ..codebook import FILE_FORMAT
 from ..errors import BadInputError, Option
@@ -182,7 +182,10 @@ def tie_checkpoint(index_or_file: str | Path, out_dir: str | Path, cfg: TieConfi
     items = _plan(ckpt, cfg)
     _check_stored_names(items, src)
     n_workers = _worker_count(workers, items)
-    tmp = _temp_dir(out_dir)
+    try:
+        tmp = _temp_dir(out_dir)
+    except OSError as e:
+        raise write_error(out_dir.parent, e) from e
     try:
         writer, done = _write_shards(tmp, items, n_workers, max_shard_bytes)
         index = writer.index_json({"compress.config": cfg.to_dict(), "compress.source": src.name})
@@ -196,9 +199,13 @@ def tie_checkpoint(index_or_file: str | Path, out_dir: str | Path, cfg: TieConfi
         _write_report(tmp / REPORT_NAME, result)
         _fsync_all(tmp)
         _move_into_place(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(out_dir, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    record_written(out_dir)
     return result
 
 
@@ -377,6 +384,8 @@ def _check_out_dir(out_dir: Path, ckpt: Checkpoint, force: bool) -> None:
     for f in inputs:
         if target in f.resolve().parents:
             raise BadInputError(f"{out_dir}: the output folder would hold the input {f}; choose another folder")
+    if out_dir.is_symlink():  # renaming onto a link replaces the link, or fails: never writes through it
+        raise BadInputError(f"{out_dir} is a symbolic link; give the output folder's real path")
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
@@ -419,6 +428,14 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
         os.rename(tmp, out_dir)
         return
     old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-{out_dir.name}-", dir=out_dir.parent))
-    os.replace(out_dir, old)  # onto the empty folder just made
-    os.rename(tmp, out_dir)
+    try:
+        os.replace(out_dir, old)  # onto the empty folder just made
+    except OSError:
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        os.replace(old, out_dir)  # put the earlier output back
+        raise
     shutil.rmtree(old, ignore_errors=True)

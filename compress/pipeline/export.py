@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..atomic import check_output, staging_dir
+from ..atomic import all_or_nothing, check_output, staging_dir
 from ..errors import BadInputError, Option
 from ..export import export_onnx, export_safetensors
 from ..export.ort import export_ort
@@ -47,6 +47,13 @@ def export_file(path: str | Path, *, onnx: str | Path | None = None, safetensors
     codebooks = codebooks_from_state_dict(source)
     if not codebooks.tensors:
         raise BadInputError(f"{path}: no merged (codebook) tensors; run `compress tie {path}` first")
+    with all_or_nothing():  # a full disk on the second file removes the first too
+        return _export(loaded, codebooks, source, onnx, safetensors, ort, codebook_dtype, dedup, force)
+
+
+def _export(loaded, codebooks, source, onnx, safetensors, ort, codebook_dtype: str, dedup: bool, force: bool
+            ) -> dict[str, ExportReport]:
+    path = loaded.path
     reports = {}
     if onnx is not None or ort is not None:
         if loaded.module is None or not loaded.example_inputs:

@@ -293,7 +293,7 @@ def _verify_onnx(run: _Run, path: Path):
     x = data.test_inputs if data is not None and len(data.test_inputs) else run.examples
     y = data.test_targets if data is not None and len(data.test_inputs) else None
     return verify(path, run.model, x, provider=run.export.provider, atol=run.export.atol, rtol=run.export.rtol,
-                  original=run.reference, measure_runtime=False, targets=y)
+                  original=run.reference, measure_runtime=False, targets=y, isolate=False)  # our own export
 
 
 # --- the working model ----------------------------------------------------------------------------

@@ -158,15 +158,22 @@ def test_bundled_samples_load(samples_dir):
         assert path.name in loaded.describe() and "runnable module" in loaded.describe()
 
 
-def test_torchscript_loads(tmp_path, model):
+def test_torchscript_weights_load_without_running_it_and_the_module_with_trust(tmp_path, model):
+    """TorchScript is code: without trust its weights are read (state_dict names, bit exact), nothing runs."""
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.trace(model, torch.randn(2, 8)), str(path))
     loaded = load(path)
-    assert loaded.kind == "torchscript"
+    assert loaded.kind == "torchscript" and loaded.module is None
+    assert list(loaded.tensors) == list(torch.jit.load(str(path)).state_dict())
     for name, t in model.state_dict().items():
         assert _same(loaded.tensors[name], t), name
+    assert "TorchScript, which is code" in loaded.notes[0] and "was not run" in loaded.notes[0]
+    with pytest.raises(UnsafePickleError, match=r"verify runs the model, but it is TorchScript code \(3 classes"
+                                                r".*pass trust_pickle=True only for files you trust"):
+        loaded.require_module("verify")
+    trusted = load(path, trust_pickle=True)
     x = torch.randn(3, 8)
-    torch.testing.assert_close(loaded.module(x), model(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(trusted.module(x), model(x), rtol=0, atol=1e-6)
 
 
 _MIXED = {
@@ -486,5 +493,5 @@ def test_load_data_refuses_pickles_and_non_torch_files(tmp_path):
 def test_loaded_is_a_small_dataclass():
     fields = set(Loaded.__dataclass_fields__)
     assert fields == {"path", "kind", "tensors", "aliases", "module", "example_inputs", "program",
-                      "onnx_model", "sha256"}
+                      "onnx_model", "sha256", "notes", "untrusted_code"}
     assert issubclass(BadInputError, CompressError)

@@ -13,6 +13,7 @@ import pickle
 import pickletools
 import re
 import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,13 @@ import torch
 
 from ...errors import TRUST, BadInputError, Option, UnsafePickleError
 from .._errors import library_call, short
+from .pickle_scan import check_pickle_cost
 
 TRUST_HINT = ("pass ", TRUST, " only for files you trust")
 _STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
                "BINUNICODE8"}
 _MAX_SCAN = 64 << 20
+_SPARSE = "torch._utils._rebuild_sparse_tensor"
 
 
 def refusal(where: str, detail: str, hint: tuple[str | Option, ...] = TRUST_HINT) -> UnsafePickleError:
@@ -81,11 +84,18 @@ def weights_only_load(source: bytes | Path, where: str, *, pickle_bytes: bytes |
                       mmap: bool = False, hint: tuple[str | Option, ...] = TRUST_HINT) -> Any:
     """`torch.load(weights_only=True)`; a refused pickle raises UnsafePickleError naming `where`.
 
-    `pickle_bytes` is the raw pickle (for a zip, its `data.pkl`) used only to name what it needs.
-    `mmap` memory-maps a zip-format file instead of reading it.
+    `pickle_bytes` is the raw pickle (for a zip, its `data.pkl`): its cost is checked first
+    (`pickle_scan`), and it names what a refused pickle needs. `mmap` memory-maps a zip-format file
+    instead of reading it.
     """
     if isinstance(source, bytes):
         pickle_bytes = source if pickle_bytes is None else pickle_bytes
+    if pickle_bytes is not None:
+        scanned = check_pickle_cost(pickle_bytes, where)
+        _check_storages(source, scanned.persistent_ids, where)
+        if _SPARSE in scanned.globals:  # refused before torch rebuilds (and trusts) its indices
+            raise BadInputError(f"{where}: holds a sparse tensor; compress reads dense (strided) tensors only and "
+                                "never trusts sparse indices: convert it with .to_dense() and save it again")
     try:
         with _torch_source(source, mmap) as (src, use_mmap), warnings.catch_warnings(), \
                 library_call(where, "reading the pickle"):
@@ -99,6 +109,51 @@ def weights_only_load(source: bytes | Path, where: str, *, pickle_bytes: bytes |
                                     "corrupt") from cause
             raise refusal(where, _needs(cause, pickle_bytes), hint) from cause
         raise
+
+
+# bytes per element of the storage types torch.save names (an untyped storage counts bytes)
+_STORAGE_BYTES = {"FloatStorage": 4, "DoubleStorage": 8, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8,
+                  "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1, "BoolStorage": 1,
+                  "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16, "UntypedStorage": 1, "QInt8Storage": 1,
+                  "QUInt8Storage": 1, "QInt32Storage": 4}
+
+
+def _check_storages(source: bytes | Path, pids: list, where: str) -> None:
+    """Every storage a zip-format pickle names must be a record of the archive holding its bytes: torch
+    memory-maps records and would read a short one's neighbours as tensor data."""
+    sizes = _record_sizes(source)
+    if sizes is None:
+        return
+    for pid in pids:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[2], str)):
+            continue
+        key, numel = pid[2], pid[4]
+        element = _STORAGE_BYTES.get(str(pid[1]).rsplit(".", 1)[-1])
+        have = sizes.get(f"data/{key}")
+        if have is None:
+            raise BadInputError(f"{where}: the pickle names storage data/{key[:40]!r}, which the archive does not "
+                                "hold; the file is truncated or corrupt")
+        if element and isinstance(numel, int) and numel * element > have:
+            raise BadInputError(f"{where}: storage data/{key[:40]} needs {numel * element:,} bytes, the archive "
+                                f"holds {have:,}; the file is truncated or corrupt")
+
+
+def _record_sizes(source: bytes | Path) -> dict[str, int] | None:
+    """Record name (below the archive's root folder) -> size, for a zip; None for a plain pickle."""
+    try:
+        if isinstance(source, bytes):
+            if not source.startswith(b"PK"):
+                return None
+            zf = zipfile.ZipFile(io.BytesIO(source))
+        else:
+            with open(source, "rb") as f:
+                if f.read(2) != b"PK":
+                    return None
+            zf = zipfile.ZipFile(source)
+        with zf:
+            return {i.filename.split("/", 1)[-1]: i.file_size for i in zf.infolist()}
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None  # torch's own reader says what is wrong
 
 
 def trusted_load(source: Path, where: str) -> Any:

@@ -41,6 +41,7 @@ import torch
 from ...errors import BadInputError, UnsafePickleError
 from .pickle import TRUST_HINT, refusal, weights_only_load
 from .pt2_policy import check_guard, check_json_text, check_name, check_sym_expr
+from .tensors import check_view
 from .zip import ZipListing
 
 _FIXED_ENTRIES = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"}
@@ -113,7 +114,47 @@ def _classify_payloads(path: Path, listing: ZipListing, cfg: Any, kind: str, raw
             raise refusal(where, "an object saved with pickle.dumps")
         if file.startswith("custom_obj_"):
             raise refusal(where, "a TorchBind custom object")
-        (pickled if meta.get("use_pickle") else raw).add(name)
+        if meta.get("use_pickle"):
+            pickled.add(name)
+        else:
+            raw.add(name)
+            _check_raw_payload(where, fqn, meta.get("tensor_meta"), listing.entries.get(name))
+
+
+# serialized ScalarType -> bytes per element (torch._export.serde.schema.ScalarType)
+_ELEMENT_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 2, 7: 4, 8: 8, 9: 4, 10: 8, 11: 16, 12: 1, 13: 2, 28: 2, 29: 1,
+                  30: 1, 31: 1, 32: 1, 33: 1, 34: 4, 35: 8}
+_STRIDED = 7  # schema.Layout.Strided
+
+
+def _check_raw_payload(where: str, fqn: str, meta: Any, info: zipfile.ZipInfo | None) -> None:
+    """A weight stored as raw bytes: torch views its bytes with `tensor_meta`'s sizes, strides and offset
+    (and allocates `torch.zeros(sizes)` for an empty entry), so check them against the entry's size first."""
+    if not isinstance(meta, dict) or info is None:
+        return  # torch itself refuses a missing tensor_meta or entry
+    sizes, strides, offset = (_ints(meta.get(k)) for k in ("sizes", "strides", "storage_offset"))
+    if sizes is None or strides is None or offset is None or len(offset) != 1:
+        raise BadInputError(f"{where}: tensor_meta of {fqn!r} needs integer sizes, strides and storage_offset "
+                            "(a stored weight has no symbolic shape); the file is corrupt")
+    if meta.get("layout") != _STRIDED:
+        raise BadInputError(f"{where}: {fqn!r} has layout {meta.get('layout')!r}; compress reads dense (strided) "
+                            "tensors only")
+    element = _ELEMENT_BYTES.get(meta.get("dtype"))
+    if element is None:
+        raise BadInputError(f"{where}: {fqn!r} has an unknown or unsupported dtype {meta.get('dtype')!r}")
+    check_view(where, fqn, sizes, strides, offset[0], info.file_size // element)
+
+
+def _ints(value: Any) -> list[int] | None:
+    """`[{"as_int": n}, ...]` (or one `{"as_int": n}`) as integers; None when anything else is there."""
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        n = item.get("as_int") if isinstance(item, dict) and set(item) == {"as_int"} else None
+        if not isinstance(n, int) or isinstance(n, bool):
+            return None
+        out.append(n)
+    return out
 
 
 def _inner_pickle(data: bytes) -> bytes:

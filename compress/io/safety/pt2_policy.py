@@ -32,6 +32,7 @@ _TREESPEC = {"in_spec", "out_spec"}
 _MAX_EXPR = 10_000
 _MAX_INT = 1 << 63
 _MAX_EXPONENT = 64
+_MAX_KEYWORD = 1024
 
 _SYMPY_CALLS = {
     "Symbol", "Dummy", "Integer", "Float", "Rational", "Add", "Mul", "Pow", "Mod", "Max", "Min", "Abs",
@@ -58,6 +59,18 @@ class _Refused(Exception):
     """A string that failed a check; the caller turns it into an error naming the file."""
 
 
+class _Growing(_Refused):
+    """An expression that is code-free but would grow without bound when sympy evaluates it."""
+
+
+def _error(e: _Refused, where: str) -> BadInputError:
+    if isinstance(e, _Growing):
+        return BadInputError(f"{where}: {e} would grow without bound when evaluated (an exponent must be a literal "
+                             "of at most 64 or one symbol, a power's base holds no other power, a precision is at "
+                             "most 1024); refused")
+    return UnsafePickleError(f"{where}: {e} could run code when loaded; refused; ", *TRUST_HINT)
+
+
 def check_json_text(text: str | bytes, where: str) -> Any:
     """Parse one JSON entry of a `.pt2` and check every string in it; returns the parsed object."""
     try:
@@ -67,7 +80,7 @@ def check_json_text(text: str | bytes, where: str) -> Any:
     try:
         _walk(obj, None)
     except _Refused as e:
-        raise UnsafePickleError(f"{where}: {e} could run code when loaded; refused; ", *TRUST_HINT) from None
+        raise _error(e, where) from None
     except RecursionError:
         raise BadInputError(f"{where}: JSON nested too deeply; refused") from None
     return obj
@@ -78,7 +91,7 @@ def check_sym_expr(text: str, where: str) -> None:
     try:
         _check_expr(text)
     except _Refused as e:
-        raise UnsafePickleError(f"{where}: {e} could run code when loaded; refused; ", *TRUST_HINT) from None
+        raise _error(e, where) from None
 
 
 def check_guard(text: str, where: str) -> None:
@@ -86,7 +99,7 @@ def check_guard(text: str, where: str) -> None:
     try:
         _check_guard(text)
     except _Refused as e:
-        raise UnsafePickleError(f"{where}: {e} could run code when loaded; refused; ", *TRUST_HINT) from None
+        raise _error(e, where) from None
 
 
 def check_name(text: str, what: str, where: str) -> None:
@@ -171,8 +184,8 @@ def _check_expr(text: str) -> None:
     node = _parse(text, "symbolic expression")
     try:
         _expr_node(node)
-    except _Refused:
-        raise _Refused(f"the symbolic expression {text[:80]!r}") from None
+    except _Refused as e:
+        raise type(e)(f"the symbolic expression {text[:80]!r}") from None
     except RecursionError:
         raise _Refused(f"the symbolic expression {text[:80]!r} (nested too deeply)") from None
 
@@ -204,18 +217,21 @@ def _expr_call(node: ast.Call) -> None:
         plain = isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, (bool, int))
         if kw.arg is None or not plain:
             raise _Refused("keyword")
-        _constant(kw.value.value)
+        if not isinstance(kw.value.value, bool) and abs(kw.value.value) > _MAX_KEYWORD:
+            raise _Growing("keyword")  # precision=10**9 would make every Float operation a bignum one
     if name in ("Integer", "Rational") and any(_literal_int(a) is None for a in node.args):
         raise _Refused("number")
-    if name in _POW_CALLS and len(node.args) == 2:
-        _small_exponent(node.args[1])
+    if name in _POW_CALLS or name == "LShift":
+        if len(node.args) != 2:
+            raise _Refused("power")
+        _power(node.args[0], node.args[1])
 
 
 def _operators(node: ast.AST, inner) -> None:
     """Arithmetic, comparisons and boolean logic over operands checked by `inner`."""
     if isinstance(node, ast.BinOp) and isinstance(node.op, _OPS):
         if isinstance(node.op, ast.Pow):
-            _small_exponent(node.right)
+            _power(node.left, node.right)
         inner(node.left)
         inner(node.right)
     elif isinstance(node, ast.UnaryOp) and isinstance(node.op, _OPS):
@@ -239,14 +255,29 @@ def _constant(value: Any) -> None:
     raise _Refused("constant")
 
 
-def _small_exponent(node: ast.AST) -> None:
-    # `Integer(10)**Integer(10**12)` is evaluated eagerly by sympy: a hang, not a shape. An exponent
-    # must involve a symbol or be a literal of at most 64.
-    if _has_symbol(node):
+def _power(base: ast.AST, exponent: ast.AST) -> None:
+    # sympy evaluates powers of numbers eagerly and simplifies before it evaluates: `2**(s77 - s77 + 10**18)`
+    # becomes 2**(10**18), `((2**64)**64)**64` a number of 2**18 bits per level. So an exponent is a literal
+    # of at most 64 or one bare symbol (nothing that can cancel), and a base holds no other power: the
+    # largest number an expression can make is then 64 times the digits written in it.
+    if _has_power(base):
+        raise _Growing("nested power")
+    if _bare_symbol(exponent):
         return
-    value = _literal_int(node)
+    value = _literal_int(exponent)
     if value is None or abs(value) > _MAX_EXPONENT:
-        raise _Refused("exponent")
+        raise _Growing("exponent")
+
+
+def _has_power(node: ast.AST) -> bool:
+    return any(isinstance(sub, ast.BinOp) and isinstance(sub.op, ast.Pow) or _calls(sub, (*_POW_CALLS, "LShift"))
+               for sub in ast.walk(node))
+
+
+def _bare_symbol(node: ast.AST) -> bool:
+    if isinstance(node, ast.Name):
+        return bool(_BARE_SYMBOL.match(node.id))
+    return _calls(node, ("Symbol", "Dummy"))
 
 
 def _literal_int(node: ast.AST) -> int | None:
@@ -265,21 +296,12 @@ def _calls(node: ast.AST, names: tuple[str, ...]) -> bool:
     return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in names
 
 
-def _has_symbol(node: ast.AST) -> bool:
-    for sub in ast.walk(node):
-        if isinstance(sub, ast.Name) and _BARE_SYMBOL.match(sub.id):
-            return True
-        if _calls(sub, ("Symbol", "Dummy")):
-            return True
-    return False
-
-
 def _check_guard(text: str) -> None:
     node = _parse(text, "guard")
     try:
         _guard_node(node)
-    except _Refused:
-        raise _Refused(f"the guard {text[:80]!r}") from None
+    except _Refused as e:
+        raise type(e)(f"the guard {text[:80]!r}") from None
     except RecursionError:
         raise _Refused(f"the guard {text[:80]!r} (nested too deeply)") from None
 

@@ -4,11 +4,16 @@ torch reads these archives with its own zip reader (miniz), we read them with Py
 To leave no room for the two to see different files, an archive is refused when anything is
 unusual: flag bits beyond the ones torch writes, compression other than stored/deflate, duplicate
 or escaping names, entries outside one root folder, a CRC mismatch, a compression ratio fit for a
-zip bomb. Native code (shared libraries by name or by magic bytes) is refused in every archive.
+zip bomb. The sizes are bounded before anything is read: torch stores tensors uncompressed, so the
+entries may expand to at most `MAX_EXPANSION` times the file (plus `SLACK`), a JSON or pickle entry
+(read whole into memory by every reader) to `MAX_METADATA`, and every byte read is counted against
+the total the entries declared. Native code (shared libraries by name, or magic bytes at the start
+of an entry that is not tensor data) is refused in every archive.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -23,6 +28,10 @@ ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _ALLOWED_FLAGS = 0x0002 | 0x0004 | 0x0008 | 0x0800
 _ALLOWED_COMPRESSION = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
 _MAX_RATIO = 1000
+MAX_EXPANSION = 4
+SLACK = 16 << 20
+MAX_METADATA = 256 << 20
+_METADATA_SUFFIXES = (".json", ".pkl", ".py")
 _NATIVE_SUFFIXES = (".so", ".dll", ".dylib", ".pyd", ".exe", ".o", ".a", ".lib")
 _NATIVE_MAGIC = (
     b"\x7fELF",                                  # Linux
@@ -58,9 +67,10 @@ def check_archive(path: Path, zf: zipfile.ZipFile) -> ZipListing:
     for info in infos:
         _check_entry(path, info, seen)
     root = _common_root(path, [i.filename for i in infos])
+    budget = _check_sizes(path, infos)
     for info in infos:
         if not info.is_dir():
-            _check_content(path, zf, info)
+            budget -= _check_content(path, zf, info, budget)
     entries = {i.filename[len(root):]: i for i in infos if not i.is_dir()}
     return ZipListing(root=root, entries=entries)
 
@@ -113,15 +123,50 @@ def _common_root(path: Path, names: list[str]) -> str:
     return firsts.pop() + "/"
 
 
-def _check_content(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
-    """Read the whole entry (zipfile checks its CRC at the end) and look at its first bytes."""
+def _check_sizes(path: Path, infos: list[zipfile.ZipInfo]) -> int:
+    """The bytes the entries may expand to in all (refusing more than the file size allows)."""
+    size = path.stat().st_size
+    total = sum(i.file_size for i in infos)
+    cap = MAX_EXPANSION * size + SLACK
+    if total > cap:
+        raise BadInputError(f"{path}: the zip entries expand to {total:,} bytes from a {size:,}-byte file (more than "
+                            f"{MAX_EXPANSION}x + {SLACK >> 20} MiB); refused as a zip bomb")
+    for info in infos:
+        if info.filename.lower().endswith(_METADATA_SUFFIXES) and info.file_size > MAX_METADATA:
+            raise BadInputError(f"{path}: zip entry {info.filename!r} is {info.file_size:,} bytes, more than the "
+                                f"{MAX_METADATA >> 20} MiB a JSON, pickle or code entry may have; refused")
+    return total
+
+
+def _check_content(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int) -> int:
+    """Read the whole entry (zipfile checks its CRC at the end), within `budget` bytes; look at its first bytes.
+
+    Tensor data holds arbitrary bytes (a weight whose first float reads as `\\x7fELF` is still a weight),
+    so the magic-byte check is for the entries that are not tensor data.
+    """
+    read = 0
     with library_call(path, f"reading zip entry {info.filename!r}"), zf.open(info) as f:
         head = f.read(64)
-        while f.read(_CHUNK):
-            pass
-    if head.startswith(_NATIVE_MAGIC) or _is_pe(head, zf, info):
+        read = len(head)
+        while chunk := f.read(_CHUNK):
+            read += len(chunk)
+            if read > budget:
+                break
+    if read > budget or read > info.file_size:
+        raise BadInputError(f"{path}: zip entry {info.filename!r} expands past the sizes the archive declares; "
+                            "refused as a zip bomb")
+    if not _is_tensor_data(info.filename) and (head.startswith(_NATIVE_MAGIC) or _is_pe(head, zf, info)):
         raise BadInputError(f"{path}: zip entry {info.filename!r} is native code (executable magic bytes); "
                             "refused")
+    return read
+
+
+_TENSOR_DATA = re.compile(r"[^/]+/(data|constants|traced_inputs)/\d+\Z|[^/]+/data/(weights|constants)/(weight|tensor)_\d+\Z")
+
+
+def _is_tensor_data(name: str) -> bool:
+    """Entries torch writes raw tensor bytes to (`torch.save`/TorchScript `data/N`, `.pt2` `weight_N`)."""
+    return bool(_TENSOR_DATA.match(name))
 
 
 def _is_pe(head: bytes, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bool:
