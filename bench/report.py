@@ -22,7 +22,7 @@ from pathlib import Path
 import _common as C
 
 DOC = C.ROOT / "BENCHMARKS.md"
-SCRIPTS = ("digits_accuracy", "minilm", "kmeans_speed", "runtime", "storage", "audit_speed")
+SCRIPTS = ("digits_accuracy", "minilm", "kmeans_speed", "runtime", "storage", "audit_speed", "families")
 
 
 def block(name: str) -> re.Pattern:

@@ -14,6 +14,7 @@ had finished.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -95,13 +96,16 @@ def interrupted(*, finished: bool = False, since: int = 0) -> int:
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show a traceback for errors.")
+@click.option("--debug", is_flag=True, help="Show a traceback for errors, and the exporters' own messages.")
 @click.version_option(package_name="compress")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Make trained PyTorch models smaller by parameter sharing, and prove they still work."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    if debug:  # the exporters' own log lines and warnings are shown too (they are quiet otherwise)
+        logging.basicConfig(level=logging.INFO)
+        logging.getLogger("compress").setLevel(logging.DEBUG)
 
 
 for _module in (audit, tie, export, verify):

@@ -92,6 +92,13 @@ no_verify = click.option("--no-verify", is_flag=True, help="Do not run the expor
 workers = click.option("--workers", type=click.IntRange(min=1), default=None,
                        help="Processes clustering a safetensors checkpoint in parallel (default: all cores that "
                             "fit in memory).")
+input_shape = click.option(
+    "--input-shape", "input_shapes", multiple=True, metavar="[DTYPE:]DxDx...",
+    help="Example input for a model that has none (TorchScript, pickled nn.Module, ONNX check), one per model "
+         "input, dimension 0 the batch: 1x3x224x224, int64:1x128 (repeatable).")
+strict = click.option("--strict", is_flag=True,
+                      help="Exit 1 when an export stores a tied tensor dense or its indices wider than planned "
+                           "(the files are kept).")
 stream = click.option("--stream", is_flag=True,
                       help="Tie a .safetensors file tensor by tensor (always on for *.safetensors.index.json).")
 

@@ -11,6 +11,7 @@ and rich markup is off, so `[red]` in a name is text.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -86,12 +87,24 @@ def emit(text: str, json_path: str | None, show, *, force: bool, inputs: list[Pa
         echo(f"wrote {json_path}", err=True)
 
 
+def with_flags(text: str) -> str:
+    """Library text names a parameter as `name`: shown as this command's flag (`--name`) where it has one."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return text
+    flags = {opt[2:].replace("-", "_"): opt for p in ctx.command.params for opt in getattr(p, "opts", [])
+             if opt.startswith("--")}
+    return re.sub(r"`([a-z_]+)`", lambda m: flags.get(m[1], m[0]), text)
+
+
 def print_export(out, report) -> None:
     """An export report's table, its notes and a one-line summary."""
     out.print(report.to_table())
+    lost = {loss.text(Path(report.path).name) for loss in report.losses()}
     for note in report.notes:
-        out.print(f"note: {note}", soft_wrap=True)
-    ratios = (f" ({report.ratio_to_dense:.3f}x dense, {report.ratio_to_bound:.3f}x the bound)"
+        out.print(f"{'warning' if note in lost else 'note'}: {with_flags(note)}", soft_wrap=True)
+    which = "the independent bound" if report.independent_bound is not None else "the bound"
+    ratios = (f" ({report.ratio_to_dense:.3f}x dense, {report.vs_bound:.3f}x {which})"
               if report.dense_reference_bytes else "")
     out.print(f"wrote {', '.join(report.files)}: {report.file_bytes:,} bytes{ratios}", soft_wrap=True)
 

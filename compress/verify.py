@@ -129,12 +129,14 @@ def verify(onnx_path: str | Path, reference, inputs, *, provider: str = "cpu", a
 
     Args:
         onnx_path: the exported model.
-        reference: the merged PyTorch model (nn.Module, or an ExportedProgram).
+        reference: the merged PyTorch model (nn.Module, or an ExportedProgram), or for a model tied
+            from ONNX the merged ONNX model (a `ModelProto` or an .onnx path), run in onnxruntime.
         inputs: a tensor (or tuple of tensors) with the batch to run.
         provider: "cpu", "cuda" or a full onnxruntime provider name (never a silent fallback).
         atol, rtol: an output passes when |onnx - reference| <= atol + rtol * |reference| everywhere;
             an output with a NaN or infinite value never passes.
-        original: optionally the model before merging, to report how far compression moved outputs.
+        original: optionally the model before merging (PyTorch or ONNX, as `reference`), to report how far
+            compression moved outputs.
         runs: runs for the median latency.
         keep_compressed: check with constant folding off (weights stay codebook + indices in memory).
         measure_runtime: measure load time, latency and memory of both modes in a subprocess.
@@ -160,11 +162,8 @@ def verify(onnx_path: str | Path, reference, inputs, *, provider: str = "cpu", a
     budget = budget or RunBudget.for_model(_declared_bytes(onnx_path, proto) + sum(a.nbytes for a in arrays))
     check_run_cost(proto, onnx_path, budget.memory_bytes)  # a graph that asks for too much is refused unrun
     fed = _feed(proto, arrays, onnx_path)
-    if isolate:
-        names, got, used = _run_isolated(onnx_path, fed, name, keep_compressed, budget)
-    else:
-        names, got, used = _run_here(onnx_path, fed, provider, keep_compressed)
-    want = [t.detach().cpu().numpy() for t in run(reference, inputs)]
+    names, got, used = _run(onnx_path, fed, name, keep_compressed, isolate, budget)
+    want = _outputs(reference, inputs, fed, name, isolate, budget)
     if len(want) != len(got):
         raise BadInputError(f"{onnx_path}: the ONNX model has {len(got)} outputs, the reference model "
                             f"{len(want)}; is ", Option("reference"), " the model this file was exported from?")
@@ -173,7 +172,7 @@ def verify(onnx_path: str | Path, reference, inputs, *, provider: str = "cpu", a
     result.checks = [_compare(n, g, w, atol, rtol) for n, g, w in zip(names, got, want)]
     result.notes += [note for n, g, w in zip(names, got, want) if (note := _not_finite(n, g, w))]
     if original is not None:
-        base = [t.detach().cpu().numpy() for t in run(original, inputs)]
+        base = _outputs(original, inputs, fed, name, isolate, budget)
         classes = int(targets.max()) + 1 if targets is not None and targets.numel() else None
         result.original = [_against_original(n, g, b, classes) for n, g, b in zip(names, got, base)]
     if measure_runtime:
@@ -212,6 +211,30 @@ def verify_safetensors(path: str | Path, reference_state_dict) -> VerifyResult:
 
 
 # --- comparisons --------------------------------------------------------------------------------
+
+def _run(path: Path, fed: dict, provider: str, keep_compressed: bool, isolate: bool, budget: RunBudget
+         ) -> tuple[list[str], list, str]:
+    """(output names, outputs, provider used) of one run, in a child process within `budget` when `isolate`."""
+    if isolate:
+        return _run_isolated(path, fed, provider, keep_compressed, budget)
+    return _run_here(path, fed, provider, keep_compressed)
+
+
+def _outputs(model, inputs, fed: dict, provider: str, isolate: bool, budget: RunBudget) -> list[np.ndarray]:
+    """The outputs of a PyTorch model, or of an ONNX model (a `ModelProto` or an .onnx path) in onnxruntime
+    on the same feed (a stranger's ONNX file in a child process within `budget`, as the file checked)."""
+    if isinstance(model, (str, Path)):
+        return _run(Path(model), fed, provider, False, isolate, budget)[1]
+    if type(model).__name__ == "ModelProto":
+        import onnx
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "reference.onnx"
+            onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1_800_000_000,
+                      location="reference.onnx.data")
+            return _run(path, fed, provider, False, isolate, budget)[1]
+    return [t.detach().cpu().numpy() for t in run(model, inputs)]
+
 
 def _compare(name: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> OutputCheck:
     if got.shape != want.shape:

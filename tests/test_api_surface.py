@@ -37,6 +37,6 @@ def test_import_compress_does_not_load_onnx_or_onnxruntime():
 
 def test_export_package_surface():
     assert sorted(compress.export.__all__) == sorted([
-        "ExportReport", "TensorEntry", "codebooks_from_state_dict", "export_onnx", "export_safetensors",
-        "load_safetensors", "rewrite_onnx",
+        "ExportReport", "Loss", "SizeBound", "TensorEntry", "codebooks_from_state_dict", "export_onnx",
+        "export_safetensors", "load_safetensors", "model_bound", "onnx_bound", "rewrite_onnx",
     ])

@@ -28,6 +28,7 @@ import torch
 
 from ..codebook import bits_for
 from ..kmeans import cover_starts, kmeans_1d_many
+from .onnx import audit_onnx
 from .report import (
     AuditConfig,
     AuditReport,
@@ -77,8 +78,11 @@ def audit(loaded, cfg: AuditConfig | None = None, *, progress: bool | None = Non
     rows += _alias_rows(rows, aliases)
     ties = graph_ties(getattr(loaded, "program", None), rows) + finder.ties(tensors, aliases)
     totals, savings = _totals(rows, ties, cfg)
-    return AuditReport(str(loaded.path), str(loaded.kind), _file_bytes(loaded.path), cfg, rows, ties,
-                       totals, savings, round(time.perf_counter() - start, 3))
+    report = AuditReport(str(loaded.path), str(loaded.kind), _file_bytes(loaded.path), cfg, rows, ties,
+                         totals, savings, round(time.perf_counter() - start, 3))
+    if getattr(loaded, "onnx_model", None) is not None:
+        report.onnx = audit_onnx(loaded.onnx_model)
+    return report
 
 
 def _is_float(t: torch.Tensor) -> bool:

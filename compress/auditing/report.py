@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from ..errors import BadInputError, Option
 from ..records import Record
+from .onnx import OnnxStorage
 
 REPORT_VERSION = 1
 CONFIG_VERSION = 1
@@ -185,6 +186,7 @@ class AuditReport(Record):
     totals: AuditTotals
     savings: list[Saving]
     seconds: float
+    onnx: OnnxStorage | None = None  # for an ONNX file: how each initializer is stored (dense / codebook)
     version: int = REPORT_VERSION
 
     _what = "audit report"

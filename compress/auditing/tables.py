@@ -70,7 +70,8 @@ def _headline(r: AuditReport) -> str:
 
 
 def _sections(r: AuditReport, top: int | None) -> list[_Section]:
-    secs = [_tensor_section(r, top)]
+    secs = [_onnx_section(r, top)] if r.onnx is not None else []
+    secs.append(_tensor_section(r, top))
     if r.ties:
         secs.append(_tie_section(r, top))
     secs.append(_totals_section(r))
@@ -104,6 +105,27 @@ def _tensor_section(r: AuditReport, top: int | None) -> _Section:
                f"within {tol} of another row; kept: under {r.config.min_size:,} elements, not merged in "
                "the totals.")
     return _Section("Tensors, largest first", headers, "cllrrrr" + "r" * len(bits) + "rl", body,
+                    caption if more is None else f"{more}. {caption}")
+
+
+def _onnx_section(r: AuditReport, top: int | None) -> _Section:
+    storage = r.onnx
+    items, more = _limit(sorted(storage.initializers, key=lambda i: (-i.bytes, i.name)), top, "initializers")
+    body = []
+    for i in items:
+        if i.storage == "index":
+            what = f"index, {i.bits:g} bits" if i.bits is not None else "index"
+        elif i.storage == "codebook":
+            what = "codebook"
+        else:
+            what = i.storage
+        into = ", ".join(i.decodes[:2]) + (f" (+{len(i.decodes) - 2})" if len(i.decodes) > 2 else "")
+        body.append([i.name, "x".join(map(str, i.shape)) or "scalar", i.dtype, format_iec(i.bytes), what, into])
+    caption = (f"dense {format_bytes(storage.dense_bytes)}, codebooks {format_bytes(storage.codebook_bytes)}, "
+               f"indices {format_bytes(storage.index_bytes)}; {len(storage.decoded)} weights decoded in the graph "
+               "(Gather from a codebook by stored indices); bits: index bytes per decoded element")
+    return _Section("ONNX storage: each initializer dense, or decoded from a codebook", ["initializer", "shape",
+                    "dtype", "size", "storage", "decodes into"], "cllrll", body,
                     caption if more is None else f"{more}. {caption}")
 
 

@@ -105,68 +105,94 @@ class Constants:
         return self._by_value[key]
 
 
+@dataclass
+class Decoder:
+    """The decode of one merged tensor, in three parts that the rewrite places where it needs them.
+
+    - `index(...)`: the flat int32 index into the flattened codebook, with the weight's shape (the
+      stored indices unpacked and cast, plus each row's codebook-row offset); layout ops the graph
+      applies to the weight may act on this value instead (`elementwise`);
+    - `table(...)`: the flattened codebook in the weight's dtype;
+    - `gather(...)`: the weight (or a layout of it) from a table and an index.
+
+    Every decode node of the toolkit is built here.
+    """
+
+    cb: TensorCodebook
+    layout: IndexLayout
+    stored_dtype: torch.dtype  # the codebook's dtype in the file
+    codebook_name: str = ""
+    index_name: str = ""
+
+    @property
+    def elementwise(self) -> bool:
+        """Each element of the weight is read through one index: layout ops commute with the decode."""
+        return True
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        return self.cb.codebook.dtype
+
+    def named(self, namer) -> Decoder:
+        """Name the codebook and index initializers `<tensor>.codebook`, `<tensor>.index` (made unique)."""
+        self.codebook_name, self.index_name = namer(f"{self.cb.name}.codebook"), namer(f"{self.cb.name}.index")
+        return self
+
+    def initializers(self) -> list[TensorProto]:
+        """The codebook and the stored indices."""
+        cb = self.cb
+        codebook = cb.codebook.detach().to(self.stored_dtype).reshape(-1)
+        indices = cb.indices.detach().reshape(-1).to(torch.int64).numpy()
+        if self.layout.packed:
+            index = _packed_tensor(self.index_name, indices, self.layout.bits)
+        else:
+            index = _index_tensor(self.index_name, indices, cb.shape, self.layout)
+        return [_from_torch(codebook, self.codebook_name), index]
+
+    def table(self, nodes: list, namer) -> str:
+        """The flat codebook in the weight's dtype (a Cast when it is stored narrower)."""
+        if self.stored_dtype == self.out_dtype:
+            return self.codebook_name
+        out = namer("d")
+        nodes.append(helper.make_node("Cast", [self.codebook_name], [out], to=onnx_float_type(self.out_dtype)))
+        return out
+
+    def index(self, nodes: list, consts: Constants, namer, base: int = 0) -> str:
+        """The flat int32 index (shape: the weight's) into the flat codebook, `base` added to every entry."""
+        cb = self.cb
+        if self.layout.packed:
+            flat = _unpack_nodes(self.index_name, self.layout.bits, cb.numel, nodes, consts, namer)
+            cast = namer("d")
+            nodes.append(helper.make_node("Cast", [flat], [cast], to=TensorProto.INT32))
+            idx = _reshape(cast, list(cb.shape), nodes, consts, namer)
+        else:
+            idx = namer("d")
+            nodes.append(helper.make_node("Cast", [self.index_name], [idx], to=TensorProto.INT32))
+        if cb.granularity != "tensor" and cb.codebook.shape[0] > 1:
+            idx = _add_row_offsets(idx, cb, nodes, consts, namer)
+        if base:
+            out = namer("d")
+            nodes.append(helper.make_node("Add", [idx, consts(np.array(base, np.int32), f"base{base}")], [out]))
+            idx = out
+        return idx
+
+    @staticmethod
+    def gather(table: str, index: str, out: str) -> onnx.NodeProto:
+        return helper.make_node("Gather", [table, index], [out], axis=0)
+
+
 def decode_graph(cb: TensorCodebook, layout: IndexLayout, out: str, namer, consts: Constants,
-                 stored_dtype: torch.dtype, out_dtype: torch.dtype) -> Decoded:
-    """Build the initializers and nodes that produce `out` (cb's dense value) from cb's codebook + indices.
+                 stored_dtype: torch.dtype, out_dtype: torch.dtype | None = None) -> Decoded:
+    """The initializers and nodes that produce `out` (cb's dense value) from cb's codebook + indices.
 
     Small constants go to `consts`; `Decoded.initializers` holds only the codebook and the indices.
     """
-    base = cb.name
-    cb_name, idx_name = namer(f"{base}.codebook"), namer(f"{base}.index")
-    codebook = cb.codebook.detach().to(stored_dtype).reshape(-1)
-    inits = [_from_torch(codebook, cb_name)]
+    dec = Decoder(cb, layout, stored_dtype).named(namer)
+    inits = dec.initializers()
     nodes: list[onnx.NodeProto] = []
-    table = cb_name
-    if stored_dtype != out_dtype:
-        table = namer(f"{base}.codebook_cast")
-        nodes.append(helper.make_node("Cast", [cb_name], [table], to=onnx_float_type(out_dtype)))
-    indices = cb.indices.detach().reshape(-1).to(torch.int64).numpy()
-    if layout.packed:
-        inits.append(_packed_tensor(idx_name, indices, layout.bits))
-        flat = _unpack_nodes(idx_name, layout.bits, cb.numel, nodes, consts, namer)
-        cast = namer(f"{base}.index_i32")
-        nodes.append(helper.make_node("Cast", [flat], [cast], to=TensorProto.INT32))
-        idx = _reshape(cast, list(cb.shape), nodes, consts, namer, base)
-    else:
-        inits.append(_index_tensor(idx_name, indices, cb.shape, layout))
-        idx = namer(f"{base}.index_i32")
-        nodes.append(helper.make_node("Cast", [idx_name], [idx], to=TensorProto.INT32))
-    _lookup(table, idx, out, cb, nodes, consts, namer)
-    return Decoded(nodes, inits, idx_name, cb_name)
-
-
-def _lookup(table: str, idx: str, out: str, cb: TensorCodebook, nodes: list, const: Constants, namer) -> None:
-    """`out` = the codebook value of every index, by GatherElements.
-
-    GatherElements reads one element per index from a table with the indices' rank, where Gather on
-    the flat codebook copies one slice per index: measured 2.9x faster per decode on onnxruntime 1.32
-    CPU (1536x384 indices: 630 vs 1800 us), which is what a session that keeps the weights compressed
-    pays at every run. Per tensor the table is the codebook broadcast along the other axes
-    ([K, d1, ...], axis 0); per channel or group it is each row's codebook row ([rows, K], axis 1).
-    """
-    shape = list(cb.shape)
-    if len(shape) == 0 or cb.numel == 0:
-        nodes.append(helper.make_node("Gather", [table, idx], [out], axis=0))
-        return
-    if cb.granularity == "tensor" or cb.codebook.shape[0] == 1:
-        column = const(np.array([cb.k] + [1] * (len(shape) - 1), np.int64), f"lookup.column{len(shape)}")
-        extent = const(np.array([cb.k] + shape[1:], np.int64), f"{cb.name}.lookup_extent")
-        col, data = namer(f"{cb.name}.codebook_column"), namer(f"{cb.name}.codebook_table")
-        nodes += [helper.make_node("Reshape", [table, column], [col]),
-                  helper.make_node("Expand", [col, extent], [data]),
-                  helper.make_node("GatherElements", [data, idx], [out], axis=0)]
-        return
-    rows, rest = shape[0], math.prod(shape[1:])
-    grid = const(np.array([cb.codebook.shape[0], cb.k], np.int64), f"{cb.name}.codebook_grid")
-    flat2d = const(np.array([rows, rest], np.int64), f"{cb.name}.rows_by_rest")
-    target = const(np.array(shape, np.int64), f"{cb.name}.shape")
-    v = {k: namer(f"{cb.name}.{k}") for k in ("codebook_rows", "row_table", "index_2d", "decoded_2d")}
-    groups = _row_groups(cb, rows, nodes, const, namer)
-    nodes += [helper.make_node("Reshape", [table, grid], [v["codebook_rows"]]),
-              helper.make_node("Gather", [v["codebook_rows"], groups], [v["row_table"]], axis=0),
-              helper.make_node("Reshape", [idx, flat2d], [v["index_2d"]]),
-              helper.make_node("GatherElements", [v["row_table"], v["index_2d"]], [v["decoded_2d"]], axis=1),
-              helper.make_node("Reshape", [v["decoded_2d"], target], [out])]
+    table = dec.table(nodes, namer)
+    nodes.append(dec.gather(table, dec.index(nodes, consts, namer), out))
+    return Decoded(nodes, inits, dec.index_name, dec.codebook_name)
 
 
 def packed_overhead(cb: TensorCodebook) -> int:
@@ -180,7 +206,7 @@ def packed_overhead(cb: TensorCodebook) -> int:
     consts = Constants(namer)
     flat = _unpack_nodes(f"{cb.name}.index", cb.bits, cb.numel, nodes, consts, namer)
     nodes.append(helper.make_node("Cast", [flat], [namer("c")], to=TensorProto.INT32))
-    _reshape(nodes[-1].output[0], list(cb.shape), nodes, consts, namer, cb.name)
+    _reshape(nodes[-1].output[0], list(cb.shape), nodes, consts, namer)
     return sum(n.ByteSize() for n in nodes) + sum(t.ByteSize() for t in consts.initializers)
 
 
@@ -223,7 +249,7 @@ def _unpack_nodes(packed: str, bits: int, n: int, nodes: list, const: Constants,
         "mask": const(np.array((1 << bits) - 1, np.uint16), f"unpack{bits}.mask"),
         "flat": const(np.array([-1], np.int64), "unpack.flat_shape"),
     }
-    v = {k: namer(f"{packed}.{k}") for k in ("blocks", "u16", "lo", "hi", "hi8", "word", "shifted", "bits", "flat")}
+    v = {k: namer("d") for k in ("blocks", "u16", "lo", "hi", "hi8", "word", "shifted", "bits", "flat")}
     nodes += [
         helper.make_node("Reshape", [packed, c["block"]], [v["blocks"]]),
         helper.make_node("Cast", [v["blocks"]], [v["u16"]], to=TensorProto.UINT16),
@@ -237,29 +263,40 @@ def _unpack_nodes(packed: str, bits: int, n: int, nodes: list, const: Constants,
     ]
     if n % 8 == 0:
         return v["flat"]
-    out = namer(f"{packed}.unpacked")
+    out = namer("d")
     starts = const(np.array([0], np.int64), "unpack.start")
-    ends = const(np.array([n], np.int64), f"{packed}.count")
+    ends = const(np.array([n], np.int64), "count")
     nodes.append(helper.make_node("Slice", [v["flat"], starts, ends], [out]))
     return out
 
 
-def _reshape(value: str, shape: list[int], nodes: list, const: Constants, namer, base: str) -> str:
-    target = const(np.array(shape, np.int64), f"{base}.shape")
-    out = namer(f"{base}.index_shaped")
+def _reshape(value: str, shape: list[int], nodes: list, const: Constants, namer) -> str:
+    target = const(np.array(shape, np.int64), "shape")
+    out = namer("d")
     nodes.append(helper.make_node("Reshape", [value, target], [out]))
     return out
 
 
-def _row_groups(cb: TensorCodebook, rows: int, nodes: list, const: Constants, namer) -> str:
-    """The codebook row of every weight row, computed in-graph from Range (no tensor stored)."""
-    row = namer(f"{cb.name}.row")
-    nodes.append(helper.make_node("Range", [const(np.array(0, np.int64), "rows.zero"),
-                                            const(np.array(rows, np.int64), f"{cb.name}.rows"),
-                                            const(np.array(1, np.int64), "rows.one")], [row]))
-    if cb.granularity == "channel":
-        return row
-    group = namer(f"{cb.name}.group")
-    nodes.append(helper.make_node("Div", [row, const(np.array(cb.group_size, np.int64), f"{cb.name}.group_size")],
-                                  [group]))
-    return group
+def _add_row_offsets(idx: str, cb: TensorCodebook, nodes: list, const: Constants, namer) -> str:
+    """idx + (row // group_size) * K, computed in-graph from Range (no offsets tensor stored)."""
+    rows = cb.shape[0]
+    per_row = cb.k if cb.granularity == "channel" else None
+    start = const(np.array(0, np.int32), "offsets.zero")
+    limit = const(np.array(rows, np.int32), "rows")
+    step = const(np.array(1, np.int32), "offsets.one")
+    row = namer("d")
+    nodes.append(helper.make_node("Range", [start, limit, step], [row]))
+    if per_row is None:
+        size = const(np.array(cb.group_size, np.int32), "group_size")
+        group = namer("d")
+        nodes.append(helper.make_node("Div", [row, size], [group]))
+        row = group
+    k = const(np.array(cb.k, np.int32), "k")
+    offset = namer("d")
+    nodes.append(helper.make_node("Mul", [row, k], [offset]))
+    shape = const(np.array([rows] + [1] * (len(cb.shape) - 1), np.int64), "shape")
+    column = namer("d")
+    nodes.append(helper.make_node("Reshape", [offset, shape], [column]))
+    out = namer("d")
+    nodes.append(helper.make_node("Add", [idx, column], [out]))
+    return out

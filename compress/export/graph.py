@@ -1,5 +1,5 @@
-"""ONNX graph plumbing for the exporters: constant folding of chosen subgraphs, dead-code removal,
-renaming uses, content deduplication of initializers, and saving with external data.
+"""ONNX graph plumbing for the exporters: dead-code removal, renaming uses, content deduplication of
+initializers, and saving with external data.
 
 Works on `onnx.ModelProto` in place. Names used inside subgraphs (If/Loop/Scan bodies) count as uses.
 """
@@ -16,8 +16,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 EXTERNAL_MIN_BYTES = 1024  # tensors smaller than this stay inside the .onnx file
-_RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-               "Bernoulli"}
 
 
 # --- small helpers -------------------------------------------------------------------------------
@@ -105,13 +103,23 @@ def eliminate_dead(graph: onnx.GraphProto) -> None:
 
 
 def strip_debug_metadata(model: onnx.ModelProto) -> None:
-    """Drop per-node debug metadata (the exporter's stack traces, FX node text, name scopes).
+    """Drop per-node and per-value debug metadata (the exporter's stack traces, FX node text, name
+    scopes) and value infos that repeat an initializer's own type and shape.
 
     It can outweigh the weights of a small model and leaks local paths; the model-level metadata stays.
     """
     for node in all_nodes(model.graph):
         del node.metadata_props[:]
         node.doc_string = ""
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    kept = [v for v in g.value_info if v.name not in inits]
+    del g.value_info[:]
+    g.value_info.extend(kept)
+    for v in [*g.value_info, *g.input, *g.output]:
+        del v.metadata_props[:]
+    for t in g.initializer:
+        del t.metadata_props[:]
 
 
 class Namer:
@@ -130,109 +138,6 @@ class Namer:
             name, i = f"{base}_{i}", i + 1
         self.taken.add(name)
         return name
-
-
-# --- constant folding of chosen subgraphs ---------------------------------------------------------
-
-def fold_from(model: onnx.ModelProto, seeds: set[str]) -> dict[str, set[str]]:
-    """Evaluate (with onnxruntime) every constant node computed from the initializers `seeds`.
-
-    The values those subgraphs hand to the rest of the graph become initializers; the folded nodes are
-    removed. Returns {new initializer: the seeds it was computed from}. Nodes with subgraphs, random
-    ops and ops from other domains are never folded.
-    """
-    g = model.graph
-    const = {t.name for t in g.initializer}
-    origin: dict[str, set[str]] = {s: {s} for s in seeds if s in const}
-    if not origin:
-        return {}
-    cone: list[onnx.NodeProto] = []
-    folded: list[onnx.NodeProto] = []
-    for node in g.node:
-        if not _foldable(node, const):
-            continue
-        cone.append(node)
-        const.update(o for o in node.output if o)
-        src = set().union(*(origin.get(i, set()) for i in node.input if i))
-        if src:
-            folded.append(node)
-            for o in node.output:
-                origin[o] = src
-    folded_outputs = {o for n in folded for o in n.output if o}
-    folded_ids = {id(n) for n in folded}
-    readers = used_names_outside(g, folded_ids)
-    frontier = [o for o in sorted(folded_outputs) if readers.get(o)]
-    if not frontier:
-        return {}
-    values = _evaluate(model, _ancestors(cone, frontier), frontier)
-    for name, value in zip(frontier, values):
-        g.initializer.append(numpy_helper.from_array(value, name))
-    keep = [n for n in g.node if id(n) not in folded_ids]
-    del g.node[:]
-    g.node.extend(keep)
-    eliminate_dead(g)
-    return {name: origin[name] for name in frontier}
-
-
-def _ancestors(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
-    """The nodes (in their order) that `outputs` are computed from."""
-    producer = {o: n for n in nodes for o in n.output if o}
-    needed, stack = set(), list(outputs)
-    while stack:
-        node = producer.get(stack.pop())
-        if node is not None and id(node) not in needed:
-            needed.add(id(node))
-            stack.extend(i for i in node.input if i)
-    return [n for n in nodes if id(n) in needed]
-
-
-def used_names_outside(graph: onnx.GraphProto, skip: set[int]) -> dict[str, int]:
-    uses: dict[str, int] = defaultdict(int)
-    for node in graph.node:
-        if id(node) in skip:
-            continue
-        for n in [node, *[x for g in subgraphs(node) for x in all_nodes(g)]]:
-            for name in n.input:
-                if name:
-                    uses[name] += 1
-    for out in graph.output:
-        uses[out.name] += 1
-    return uses
-
-
-def _foldable(node: onnx.NodeProto, const: set[str]) -> bool:
-    if node.domain not in ("", "ai.onnx") or node.op_type in _RANDOM_OPS or any(True for _ in subgraphs(node)):
-        return False
-    return all(not i or i in const for i in node.input)
-
-
-def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list[str]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    needed = {i for n in nodes for i in n.input}
-    inits = [t for t in model.graph.initializer if t.name in needed]
-    types = _value_types(model)
-    outs = [helper.make_tensor_value_info(o, types.get(o, TensorProto.FLOAT), None) for o in outputs]
-    sub = helper.make_model(helper.make_graph(nodes, "fold", [], outs, inits),
-                            opset_imports=model.opset_import, ir_version=model.ir_version)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(sub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return session.run(outputs, {})
-
-
-def _value_types(model: onnx.ModelProto) -> dict[str, int]:
-    types = {}
-    g = model.graph
-    for v in list(g.value_info) + list(g.output) + list(g.input):
-        if v.type.HasField("tensor_type"):
-            types[v.name] = v.type.tensor_type.elem_type
-    if len(types) < len(g.node):
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=False).graph.value_info
-        for v in inferred:
-            types.setdefault(v.name, v.type.tensor_type.elem_type)
-    return types
 
 
 # --- content deduplication -------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """ONNX export with every merged tensor stored as its codebook plus narrow indices.
 
-`export_onnx` runs `torch.onnx.export(..., dynamo=True)` with a dynamic batch dimension, then
-rewrites the graph: each merged weight (whatever dense constant the exporter made of it: the weight,
-its transpose, a reshaped copy; found by exact value, never by guess) becomes a codebook initializer,
-an index initializer in the narrowest type (see `_decode.py`) and the decode
-`Cast -> [+ row offsets] -> Gather`. Tied tensors are stored once (a Transpose node where a copy was
-transposed) and identical initializers are deduplicated by content. A merged weight that cannot be
-located stays dense and the report says which.
+`export_onnx` traces the merged model with each decode as one placeholder node (`trace.py`), lets
+the exporter optimize the rest of the graph, then replaces each placeholder by the real decode
+(`_decode.py`): a codebook initializer, an index initializer in the narrowest type, and
+`Cast -> [+ row offsets] -> Gather`, with the layout ops the graph applies to the weight moved onto
+the indices (`layout.py`). Whatever the exporter does after the decode (reorder an LSTM's gates,
+transpose, reshape, concatenate) runs on indices or after the gather: nothing is folded into a dense
+constant. A tensor the tracer could not mark is looked for by value (`locate.py`); one that still
+ends up dense is named in the report with the bytes it costs (`ExportReport.densified`).
 
 `rewrite_onnx` writes the codebook form of an existing ONNX graph whose initializers were clustered
 without the PyTorch model (`compress.pipeline.tie_onnx`).
@@ -14,43 +15,37 @@ without the PyTorch model (`compress.pipeline.tie_onnx`).
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import logging
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper
+from onnx import helper
 from torch import nn
 
 from ..atomic import atomic_outputs, check_output
 from ..codebook import Codebooks, TensorCodebook
 from ..errors import BadInputError, UnsupportedModelError
-from ..execution import as_args, eval_mode
 from ..packing import packed_size
-from ..state import storage_names
 from . import graph as _graph
 from ._decode import (
     CODEBOOK_DTYPES,
     MIN_OPSET,
     Constants,
+    Decoder,
     IndexLayout,
     choose_layout,
-    decode_graph,
     native_layout,
-    onnx_float_type,
     packed_overhead,
 )
+from .affine import fold_batchnorm
+from .layout import replace_placeholders
+from .locate import FLOAT_TYPES, dense_tie_targets, locate_by_value
 from .report import ExportReport, TensorEntry
+from .trace import DOMAIN, is_placeholder, placeholder, placeholder_tensor, trace_onnx
 
 EXTERNAL_THRESHOLD = 1_800_000_000  # protobuf cannot hold 2 GiB: larger models use external data
-FLOAT_TYPES = {TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16,
-                TensorProto.DOUBLE: torch.float64, TensorProto.BFLOAT16: torch.bfloat16}
 
 
 def export_onnx(model: nn.Module | torch.export.ExportedProgram, codebooks: Codebooks, path: str | Path,
@@ -72,7 +67,7 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram, codebooks: Code
 
         codebooks = merge_(model, plan)
         report = export_onnx(model, codebooks, "out/model.onnx", torch.rand(1, 64))
-        print(report.file_bytes, report.bound_bytes)
+        print(report.file_bytes, report.bound_bytes, report.losses())
     """
     path = Path(path)
     stored = _codebook_dtype(codebook_dtype)
@@ -80,13 +75,15 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram, codebooks: Code
     check_output(path, force=force)
     layouts = {n: choose_layout(cb, packed_overhead(cb)) for n, cb in codebooks.tensors.items()}
     opset = max([MIN_OPSET.get(lay.onnx_type, 0) for lay in layouts.values()], default=0) or None
-    proto, notes = _torch_to_onnx(model, example_inputs, opset)
-    seeds = {s for name in codebooks.tensors for s in storage_names(name)}
-    origin = _graph.fold_from(proto, seeds)
-    targets = {n: cb.decode().detach() for n, cb in codebooks.tensors.items()}
-    dense_ties = _dense_tie_targets(model, codebooks)
-    job = _Job(proto, codebooks, layouts, stored, origin, notes)
-    job.locate(targets, dense_ties)
+    proto, hooked = trace_onnx(model, codebooks, example_inputs, opset)
+    _graph.strip_debug_metadata(proto)
+    notes, widened = _raise_opset(proto, opset or 0, layouts)  # a TorchScript export stops at opset 20
+    job = _Job(proto, codebooks, layouts, stored, _fixed_batch_notes(proto) + notes)
+    job.widened = widened
+    traced = {placeholder_tensor(n) for n in _graph.all_nodes(proto.graph) if is_placeholder(n)}
+    job.unused = hooked - traced  # hooked but never decoded: the forward pass does not read it
+    # also traced ones: a declared alias may hold a separate dense copy of a merged tensor
+    locate_by_value(proto, codebooks, list(codebooks.tensors), dense_tie_targets(model, codebooks), job.namer)
     return job.write(path, dedup=dedup, force=force, external_data=external_data)
 
 
@@ -103,10 +100,16 @@ def rewrite_onnx(proto: onnx.ModelProto, codebooks: Codebooks, path: str | Path,
     _check_codebooks(codebooks)
     layouts = {n: choose_layout(cb, packed_overhead(cb)) for n, cb in codebooks.tensors.items()}
     needed = max([MIN_OPSET.get(lay.onnx_type, 0) for lay in layouts.values()], default=0)
-    notes = _raise_opset(proto, needed, layouts)
-    job = _Job(proto, codebooks, layouts, None, {}, notes)
-    job.uses = {n: [_Use(n, "same")] for n in codebooks.tensors}
-    job.skipped = list(skipped)
+    notes, widened = _raise_opset(proto, needed, layouts)
+    g = proto.graph
+    for field_ in (g.initializer, g.input):  # (an initializer may be listed as an input too: its default)
+        kept = [t for t in field_ if t.name not in codebooks.tensors]
+        del field_[:]
+        field_.extend(kept)
+    for name in reversed(list(codebooks.tensors)):
+        g.node.insert(0, placeholder(name, name))
+    job = _Job(proto, codebooks, layouts, None, notes)
+    job.skipped, job.widened = list(skipped), widened
     return job.write(Path(path), dedup=True, force=force, external_data=None, inputs=inputs)
 
 
@@ -128,36 +131,6 @@ def _check_codebooks(codebooks: Codebooks) -> None:
             raise BadInputError(f"`{name}`: indices must lie in 0..{cb.k - 1} for a codebook of {cb.k} values")
 
 
-def _torch_to_onnx(model, example_inputs, opset: int | None) -> tuple[onnx.ModelProto, list[str]]:
-    args = as_args(example_inputs)
-    dynamic = None
-    if not isinstance(model, torch.export.ExportedProgram):
-        dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() else None
-                        for a in args)
-    with eval_mode(model), warnings.catch_warnings(), _quiet_torch_onnx():
-        warnings.simplefilter("ignore")
-        try:
-            program = torch.onnx.export(model, args, dynamo=True, optimize=True, opset_version=opset,
-                                        dynamic_shapes=dynamic, verbose=False)
-        except Exception as e:  # the exporter raises many types; the first line says what failed
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UnsupportedModelError(f"torch.onnx.export could not export the model: {first}") from e
-    proto = program.model_proto
-    _graph.strip_debug_metadata(proto)
-    return proto, _fixed_batch_notes(proto)
-
-
-@contextlib.contextmanager
-def _quiet_torch_onnx() -> Iterator[None]:
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def _fixed_batch_notes(proto: onnx.ModelProto) -> list[str]:
     notes = []
     for inp in proto.graph.input:
@@ -168,77 +141,43 @@ def _fixed_batch_notes(proto: onnx.ModelProto) -> list[str]:
     return notes
 
 
-def _dense_tie_targets(model, codebooks: Codebooks) -> dict[str, torch.Tensor]:
-    """Dense values of alias targets that are not merged (ties without a codebook)."""
-    wanted = {a.target for a in codebooks.aliases.values() if a.target not in codebooks.tensors}
-    if not wanted:
-        return {}
-    if isinstance(model, torch.export.ExportedProgram):
-        state = model.state_dict
-    else:
-        state = model.state_dict() if isinstance(model, nn.Module) else {}
-    return {n: state[n].detach() for n in wanted if n in state}
-
-
-@dataclass
-class _Use:
-    """An initializer of the exported graph holding a target's value: as is, transposed or reshaped."""
-
-    init: str
-    how: str  # "same" | "transpose" | "reshape"
-    dims: list[int] | None = None  # the initializer's shape, for "reshape"
-
-
 @dataclass
 class _Job:
-    """One rewrite of an exported graph into codebook storage."""
+    """One rewrite of a graph with decode placeholders into codebook storage."""
 
     proto: onnx.ModelProto
     codebooks: Codebooks
     layouts: dict[str, IndexLayout]
     stored: torch.dtype | None  # codebook dtype in the file; None: the tensor's own
-    origin: dict[str, set[str]]  # folded constant -> storage names it was computed from
     notes: list[str]
-    uses: dict[str, list[_Use]] = field(default_factory=dict)
-    dense_uses: dict[str, list[_Use]] = field(default_factory=dict)
     skipped: list[TensorEntry] = field(default_factory=list)
-    _new_initializers: list[TensorProto] = field(default_factory=list)
+    unused: set[str] = field(default_factory=set)
+    widened: set[str] = field(default_factory=set)  # tensors whose indices a fallback stored wider
 
-    def locate(self, targets: dict[str, torch.Tensor], dense_ties: dict[str, torch.Tensor]) -> None:
-        index = _ValueIndex(self.proto.graph)
-        claimed: set[str] = set()
-        for name, value in targets.items():
-            self.uses[name] = [u for u in index.find(value) if u.init not in claimed]
-            claimed.update(u.init for u in self.uses[name])
-        for name, value in dense_ties.items():
-            self.dense_uses[name] = [u for u in index.find(value) if u.init not in claimed]
-            claimed.update(u.init for u in self.dense_uses[name])
+    def __post_init__(self) -> None:
+        self.namer = _graph.Namer(self.proto)
 
     def write(self, path: Path, *, dedup: bool, force: bool, external_data: bool | None,
               inputs: Sequence[Path] = ()) -> ExportReport:
         g = self.proto.graph
-        namer = _graph.Namer(self.proto)
-        consts = Constants(namer)
-        new_nodes, stored_as = [], {}
-        for name, uses in self.uses.items():
-            if uses:
-                nodes, names = self._rewrite(name, uses, namer, consts)
-                new_nodes += nodes
-                stored_as[name] = names
-        for name, uses in self.dense_uses.items():
-            new_nodes += self._tie_dense(name, uses)
-        removed = {u.init for uses in self.uses.values() for u in uses}
-        removed |= {u.init for uses in self.dense_uses.values() for u in uses[1:]}
-        kept = [t for t in g.initializer if t.name not in removed]
-        del g.initializer[:]
-        g.initializer.extend(kept + self._new_initializers + consts.initializers)
-        for node in reversed(new_nodes):
-            g.node.insert(0, node)
+        consts = Constants(self.namer)
+        decoders = {n: Decoder(cb, self.layouts[n], self.stored or cb.codebook.dtype).named(self.namer)
+                    for n, cb in self.codebooks.tensors.items()}
+        placement = replace_placeholders(self.proto, decoders, self.namer, consts)
+        self.moved = placement.moved
+        for value in fold_batchnorm(g, set(placement.gathered), consts, self.namer):
+            for tensor in placement.gathered[value]:
+                self.moved.setdefault(tensor, []).append("BatchNorm folded into a per-channel scale after the decode")
+        g.initializer.extend(consts.initializers)
+        opsets = [o for o in self.proto.opset_import if o.domain != DOMAIN]
+        del self.proto.opset_import[:]
+        self.proto.opset_import.extend(opsets)
         _graph.eliminate_dead(g)
-        count, saved, mapping = (0, 0, {})
-        if dedup:
-            count, saved, mapping = _graph.dedup_initializers(self.proto)
-        self.proto.ir_version = max(self.proto.ir_version, _min_ir(self.proto))
+        stored_as = {n: [d.codebook_name, d.index_name] for n, d in decoders.items()}
+        protected = [name for names in stored_as.values() for name in names]
+        count, saved, mapping = _graph.dedup_initializers(self.proto, protected) if dedup else (0, 0, {})
+        # IR 4 lets initializers stand apart from the graph inputs (the new codebooks and indices do)
+        self.proto.ir_version = max(self.proto.ir_version, _min_ir(self.proto), 4)
         external = external_data if external_data is not None else (
             sum(_graph.data_size(t) for t in g.initializer) > EXTERNAL_THRESHOLD)
         files = _write(self.proto, path, external=external, force=force, inputs=inputs)
@@ -248,142 +187,66 @@ class _Job:
         self._fill(report, stored_as, mapping)
         return report
 
-    def _rewrite(self, name: str, uses: list[_Use], namer, consts) -> tuple[list, list[str]]:
-        cb, layout = self.codebooks.tensors[name], self.layouts[name]
-        weight_dtype = cb.codebook.dtype
-        stored = self.stored or weight_dtype
-        same = [u for u in uses if u.how == "same"]
-        out = same[0].init if same else namer(name)
-        decoded = decode_graph(cb, layout, out, namer, consts, stored, weight_dtype)
-        self._new_initializers.extend(decoded.initializers)
-        nodes = list(decoded.nodes)
-        for use in uses:
-            if use.init != out:
-                nodes.append(_adapter(out, use, consts))
-        return nodes, [decoded.codebook_name, decoded.index_name]
-
-    def _tie_dense(self, name: str, uses: list[_Use]) -> list:
-        # Keep the first copy found; the others read it (through a Transpose where they were transposed).
-        if len(uses) < 2:
-            return []
-        first, nodes = uses[0], []
-        for use in uses[1:]:
-            if use.how == first.how and use.dims == first.dims:
-                nodes.append(helper.make_node("Identity", [first.init], [use.init]))
-            elif {use.how, first.how} == {"same", "transpose"}:
-                nodes.append(helper.make_node("Transpose", [first.init], [use.init], perm=[1, 0]))
-            else:
-                self.dense_uses[name] = [first]
-                return []
-        return nodes
-
     def _fill(self, report: ExportReport, stored_as: dict[str, list[str]], mapping: dict[str, str]) -> None:
         g = self.proto.graph
         sizes = {t.name: _graph.data_size(t) for t in g.initializer}
         accounted: set[str] = set()
         merged_dense = 0
         for name, cb in self.codebooks.tensors.items():
-            entry = self._merged_entry(name, cb, stored_as.get(name), sizes, mapping)
+            entry = self._merged_entry(name, cb, stored_as[name], sizes)
             report.tensors.append(entry)
             accounted.update(entry.stored_as)
             merged_dense += cb.numel * cb.codebook.element_size()
         for alias in self.codebooks.aliases.values():
             how = "transposed " if alias.transpose else ""
             report.tensors.append(TensorEntry(alias.name, [], "alias", 0, 0, note=f"{how}alias of `{alias.target}`"))
-        by_origin = self._origins()
-        by_origin.update({e.name: e.note for e in self.skipped})
+        notes = {e.name: e.note for e in self.skipped}
         for t in g.initializer:
             if t.name in accounted or (t.data_type not in FLOAT_TYPES and sizes[t.name] < 1024):
                 continue
-            note = by_origin.get(t.name, "")
-            report.tensors.append(TensorEntry(t.name, list(t.dims), "dense", sizes[t.name], sizes[t.name], note=note))
+            report.tensors.append(TensorEntry(t.name, list(t.dims), "dense", sizes[t.name], sizes[t.name],
+                                              note=notes.get(t.name, "")))
             accounted.add(t.name)
         report.graph_bytes = report.file_bytes - sum(e.actual_bytes for e in report.tensors)
         dense_data = sum(e.actual_bytes for e in report.tensors if e.storage == "dense")
         report.dense_reference_bytes = report.graph_bytes + dense_data + merged_dense
+        for loss in report.losses():
+            report.notes.append(loss.text(Path(report.path).name))
 
-    def _merged_entry(self, name, cb, names, sizes, mapping) -> TensorEntry:
+    def _merged_entry(self, name: str, cb: TensorCodebook, names: list[str], sizes: dict[str, int]) -> TensorEntry:
         layout = self.layouts[name]
         stored = self.stored or cb.codebook.dtype
         cb_bytes = cb.codebook.numel() * torch.tensor([], dtype=stored).element_size()
         bound = packed_size(cb.numel, cb.bits) + cb_bytes
         common = {"shape": list(cb.shape), "k": cb.k, "bits": cb.bits, "granularity": cb.granularity}
-        if not names:
-            note = ("not found in the exported graph as a constant (the exporter may have folded it into "
-                    "another constant, listed below, or the forward pass does not use it)")
-            return TensorEntry(name, storage="dense", actual_bytes=0, bound_bytes=0, note=note, **common)
         present = [n for n in names if n in sizes]
-        shared = [f"`{n}` shares `{mapping[n]}`" for n in names if n in mapping]
-        notes = [layout.note] + shared + [self._rounding_note(cb, stored)]
-        return TensorEntry(name, storage="codebook", actual_bytes=sum(sizes[n] for n in present),
-                           bound_bytes=bound, index_type=layout.label, stored_as=present,
-                           note="; ".join(n for n in notes if n), **common)
-
-    @staticmethod
-    def _rounding_note(cb: TensorCodebook, stored: torch.dtype) -> str:
-        if stored == cb.codebook.dtype:
-            return ""
-        err = (cb.codebook.to(stored).to(cb.codebook.dtype) - cb.codebook).abs().max().item()
-        return f"codebook stored as {str(stored).removeprefix('torch.')} (max rounding error {err:.2g})"
-
-    def _origins(self) -> dict[str, str]:
-        owners = {}
-        for name in self.codebooks.tensors:
-            for s in storage_names(name):
-                owners[s] = name
-        notes = {}
-        for value, seeds in self.origin.items():
-            names = sorted({owners.get(s, s) for s in seeds})
-            notes[value] = (f"computed from merged {', '.join(f'`{n}`' for n in names)} by the exporter "
-                            f"(e.g. concatenated or reordered): stored dense, not as a codebook")
-        return notes
+        if not present and name in self.unused:
+            return TensorEntry(name, storage="unused", actual_bytes=0, bound_bytes=0, note=(
+                "not in the exported graph: the forward pass does not read it"), **common)
+        if not present:  # dense, wherever the exporter put it: counted as its dense size
+            return TensorEntry(name, storage="dense", actual_bytes=0, bound_bytes=bound, note=(
+                "not found in the exported graph: the exporter folded it into another constant (stored dense), "
+                "or the forward pass does not read it"), dense_bytes=cb.numel * cb.codebook.element_size(), **common)
+        notes = [layout.note, _moved_note(self.moved.get(name)), _rounding_note(cb, stored)]
+        actual = sum(sizes[n] for n in present)
+        return TensorEntry(name, storage="codebook", actual_bytes=actual, bound_bytes=bound, index_type=layout.label,
+                           stored_as=present, note="; ".join(n for n in notes if n),
+                           widened_bytes=max(actual - bound, 0) if name in self.widened else 0, **common)
 
 
-def _adapter(src: str, use: _Use, consts: Constants) -> onnx.NodeProto:
-    if use.how == "same":
-        return helper.make_node("Identity", [src], [use.init])
-    if use.how == "transpose":
-        return helper.make_node("Transpose", [src], [use.init], perm=[1, 0])
-    target = consts(np.array(use.dims, np.int64), f"{use.init}.shape")
-    return helper.make_node("Reshape", [src, target], [use.init])
+def _moved_note(ops: list[str] | None) -> str:
+    if not ops:
+        return ""
+    layout = [op for op in dict.fromkeys(ops) if " " not in op]
+    other = [op for op in dict.fromkeys(ops) if " " in op]
+    return "; ".join(([f"{', '.join(layout)} applied to its indices"] if layout else []) + other)
 
 
-class _ValueIndex:
-    """Float initializers by (element type, element count, content hash), for exact value matching."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self.by_key: dict[tuple, list[TensorProto]] = {}
-        for t in graph.initializer:
-            if t.data_type in FLOAT_TYPES and t.data_location != TensorProto.EXTERNAL:
-                data = _graph.tensor_bytes(t)
-                self.by_key.setdefault((t.data_type, hashlib.sha256(data).digest()), []).append(t)
-
-    def find(self, value: torch.Tensor) -> list[_Use]:
-        onnx_type = onnx_float_type(value.dtype)
-        found = self._lookup(onnx_type, value, "same")
-        if value.dim() == 2:
-            found += [u for u in self._lookup(onnx_type, value.t(), "transpose")
-                      if u.init not in {f.init for f in found}]
-        return found
-
-    def _lookup(self, onnx_type: int, value: torch.Tensor, how: str) -> list[_Use]:
-        data = _torch_bytes(value)
-        uses = []
-        for t in self.by_key.get((onnx_type, hashlib.sha256(data).digest()), []):
-            if _graph.tensor_bytes(t) != data:
-                continue
-            if list(t.dims) == list(value.shape):
-                uses.append(_Use(t.name, how))
-            elif how == "same":
-                uses.append(_Use(t.name, "reshape", list(t.dims)))
-        return uses
-
-
-def _torch_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().contiguous().cpu()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return t.numpy().tobytes()
+def _rounding_note(cb: TensorCodebook, stored: torch.dtype) -> str:
+    if stored == cb.codebook.dtype:
+        return ""
+    err = (cb.codebook.to(stored).to(cb.codebook.dtype) - cb.codebook).abs().max().item()
+    return f"codebook stored as {str(stored).removeprefix('torch.')} (max rounding error {err:.2g})"
 
 
 def _min_ir(proto: onnx.ModelProto) -> int:
@@ -416,19 +279,23 @@ def _check(proto: onnx.ModelProto, path: Path) -> None:
                                     f"nothing was written; please report this model") from e
 
 
-def _raise_opset(proto: onnx.ModelProto, needed: int, layouts: dict[str, IndexLayout]) -> list[str]:
-    """Bring the model to opset `needed` (for UINT2/UINT4); failing that, store indices as UINT8."""
+def _raise_opset(proto: onnx.ModelProto, needed: int, layouts: dict[str, IndexLayout]) -> tuple[list[str], set[str]]:
+    """Bring the model to opset `needed` (for UINT2/UINT4); failing that, store indices as UINT8.
+
+    Returns the notes and the tensors whose indices were widened.
+    """
     current = _opset(proto) or 0
     if needed <= current:
-        return []
+        return [], set()
     try:
         converted = onnx.version_converter.convert_version(proto, needed)
         onnx.checker.check_model(converted)
     except (onnx.version_converter.ConvertError, onnx.checker.ValidationError, RuntimeError) as e:
-        for name, layout in layouts.items():
-            if layout.onnx_type in MIN_OPSET:
-                layouts[name] = native_layout(8)
+        widened = {name for name, layout in layouts.items() if layout.onnx_type in MIN_OPSET}
+        for name in widened:
+            layouts[name] = native_layout(8)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return [f"could not convert the model from opset {current} to {needed} ({reason}); indices stored as UINT8"]
+        note = f"could not convert the model from opset {current} to {needed} ({reason}); indices stored as UINT8"
+        return [note], widened
     proto.CopyFrom(converted)
-    return [f"model converted from opset {current} to {needed} for sub-byte index types"]
+    return [f"model converted from opset {current} to {needed} for sub-byte index types"], set()

@@ -7,15 +7,17 @@
 """
 
 from .checkpoint import StreamResult, StreamTensor, audit_checkpoint, output_dir_for, tie_checkpoint
-from .export import export_file
-from .onnx import tie_onnx
+from .export_file import export_file
+from .exports import ExportOptions
+from .onnx import OnnxTieResult, tie_onnx
 from .report import TieReport
 from .route import route, tie_file
-from .tie import DEFAULT_OUT_DIR, ExportOptions, TieResult, output_paths, tie
+from .tie import DEFAULT_OUT_DIR, TieResult, output_paths, tie
 
 __all__ = [
     "DEFAULT_OUT_DIR",
     "ExportOptions",
+    "OnnxTieResult",
     "StreamResult",
     "StreamTensor",
     "TieReport",

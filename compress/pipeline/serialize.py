@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..export.trace import quiet_exporter
 
 _STATIC = object()  # "export without dynamic dimensions"
 
@@ -20,7 +21,8 @@ def serialize(model: nn.Module, examples: tuple | None, program=None) -> tuple[b
         return buf.getvalue(), None
     dims = _dynamic_shapes(program, examples)
     try:
-        exported = torch.export.export(model, tuple(examples), dynamic_shapes=dims)
+        with quiet_exporter():
+            exported = torch.export.export(model, tuple(examples), dynamic_shapes=dims)
     except Exception as e:  # torch's own message says which guard or op failed
         if program is not None or dims is None:
             raise UnsupportedModelError(f"torch.export failed on the merged model: {str(e).splitlines()[0]}") from e

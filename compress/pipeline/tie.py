@@ -30,8 +30,6 @@ from ..atomic import atomic_outputs, check_output, staging_dir
 from ..codebook import Codebooks
 from ..errors import BadInputError, CompressError, Option, UnsupportedModelError
 from ..execution import loss_mode, train_mode
-from ..export import export_onnx, export_safetensors
-from ..records import Record
 from ..tying import (
     FinetuneConfig,
     FinetuneResult,
@@ -44,7 +42,7 @@ from ..tying import (
     finetune_,
     merge_,
 )
-from ..verify import verify, verify_safetensors
+from .exports import ExportOptions, check_strict, export_and_verify, export_targets
 from .measure import quality, stored_bytes
 from .report import Outputs, TieReport, build_report
 from .serialize import serialize
@@ -103,7 +101,7 @@ def output_paths(input_path: str | Path, out_dir: str | Path, graph: bool) -> tu
 
 def tie(loaded, cfg: TieConfig | None = None, *, data=None, finetune: FinetuneConfig | None = None,
         out_dir: str | Path = DEFAULT_OUT_DIR, force: bool = False, data_path: str | Path | None = None,
-        export: ExportOptions | None = None) -> TieResult:
+        export: ExportOptions | None = None, example_inputs: tuple | None = None) -> TieResult:
     """Tie the weights of a loaded model and write the merged model, the plan and a report.
 
     Args:
@@ -119,6 +117,9 @@ def tie(loaded, cfg: TieConfig | None = None, *, data=None, finetune: FinetuneCo
         export: which files to export next to the merged model and how to verify them
             (default `ExportOptions()`: ONNX when the model has a graph, safetensors always,
             both verified on the CPU); `ExportOptions(onnx=False, safetensors=False)` skips it.
+        example_inputs: inputs to trace and export the model with, for a model that has none
+            (`compress.pipeline.inputs.example_inputs` makes them from shapes); default: the loaded
+            file's own, else two calibration rows of `data`.
 
     Returns:
         `TieResult` with the merged model, codebooks, plan, report and output paths.
@@ -129,19 +130,25 @@ def tie(loaded, cfg: TieConfig | None = None, *, data=None, finetune: FinetuneCo
                      out_dir="out")
     """
     started = time.perf_counter()
-    run = _Run.prepare(loaded, cfg or TieConfig(), data, data_path, export or ExportOptions(), Path(out_dir), force)
-    ft = _finetune_config(finetune, data, run.reference, loaded.path)
+    run = _Run.prepare(loaded, cfg or TieConfig(), data, data_path, export or ExportOptions(), Path(out_dir), force,
+                       example_inputs)
+    ft = _finetune_config(finetune, data, None if run.scripted else run.reference, loaded.path)
     if data is not None and run.reference is not None:
-        _check_data(data, run.model, run.examples, run.data_path)
+        _check_data(data, run.reference if run.scripted else run.model, run.examples, run.data_path)
     plan, codebooks, ft_result, originals, before = _tie_model(run, ft)
     if not distributed.is_main():  # under torchrun, rank 0 alone measures, exports and writes the files
         return TieResult(run.model, plan, codebooks, None, *run.paths, run.examples, ft_result)
-    payload, dynamic = serialize(run.model, run.graph_examples, getattr(loaded, "program", None))
+    run.runnable = _merged_script(run.reference, run.model) if run.scripted else run.model
+    payload, dynamic = serialize(run.model, None if run.scripted else run.graph_examples,
+                                 getattr(loaded, "program", None))
     outputs = Outputs(*(p.name for p in run.paths), "pt2" if dynamic is not None else "state_dict", dynamic)
     report = build_report(loaded, run.data_path, run.cfg, ft, plan, codebooks, originals, before,
-                          stored_bytes(run.model), quality(run.reference, run.model, data, run.examples), ft_result,
-                          outputs, time.perf_counter() - started)
+                          stored_bytes(run.model), quality(run.reference, run.runnable, data, run.examples),
+                          ft_result, outputs, time.perf_counter() - started)
+    report.notes.extend(_no_onnx_notes(run))
     exports, checks = _write(run, payload, plan, codebooks, report)
+    if run.export.strict:
+        check_strict(exports, run.out_dir)
     return TieResult(run.model, plan, codebooks, report, *run.paths, run.examples, ft_result, exports, checks)
 
 
@@ -161,17 +168,18 @@ class _Run:
     examples: tuple | None
     paths: tuple[Path, Path, Path]
     export_paths: list[Path]
+    runnable: nn.Module | None = None  # the merged model as something that runs (a TorchScript copy for scripts)
 
     @classmethod
     def prepare(cls, loaded, cfg: TieConfig, data, data_path, export: ExportOptions, out_dir: Path,
-                force: bool) -> _Run:
+                force: bool, examples: tuple | None = None) -> _Run:
         """The working copy and the output paths, every output checked before any work."""
         data_path = data_path if data_path is not None else getattr(data, "path", None)
-        model, reference, examples = _working_copy(loaded, data)
+        model, reference, examples = _working_copy(loaded, data, examples)
         graph = reference is not None and examples is not None
-        paths = output_paths(loaded.path, out_dir, graph)
+        paths = output_paths(loaded.path, out_dir, graph and not isinstance(reference, torch.jit.ScriptModule))
         run = cls(loaded, cfg, data, None if data_path is None else Path(data_path), export, out_dir, force, model,
-                  reference, examples, paths, _export_targets(paths[0], export, graph))
+                  reference, examples, paths, export_targets(paths[0], export, graph))
         for p in [*run.paths, *run.export_paths]:
             check_output(p, force=force, inputs=run.inputs)
         return run
@@ -180,6 +188,11 @@ class _Run:
     def inputs(self) -> list[Path]:
         """Files that must never be overwritten."""
         return [Path(self.loaded.path)] + ([self.data_path] if self.data_path else [])
+
+    @property
+    def scripted(self) -> bool:
+        """A TorchScript model: merged as tensors, exported and run as a TorchScript copy."""
+        return isinstance(self.reference, torch.jit.ScriptModule)
 
     @property
     def graph_examples(self) -> tuple | None:
@@ -206,7 +219,7 @@ def _write(run: _Run, payload: bytes, plan: TiePlan, codebooks: Codebooks, repor
     """Export and verify in a staging folder, then rename every output into place together."""
     with staging_dir(run.out_dir) as staging:
         try:
-            exports, checks = _export_and_verify(run, codebooks, Path(staging), report.notes)
+            exports, checks = export_and_verify(run, codebooks, Path(staging), report.notes)
         except CompressError as e:  # name the output folder, not the staging folder inside it
             e.parts = tuple(p.replace(str(Path(staging)), str(run.out_dir)) if isinstance(p, str) else p
                             for p in e.parts)
@@ -230,89 +243,49 @@ def _write(run: _Run, payload: bytes, plan: TiePlan, codebooks: Codebooks, repor
     return exports, checks
 
 
-@dataclass
-class ExportOptions(Record):
-    """What `tie` exports after merging, and how it verifies the exports.
-
-    `onnx`: write `<stem>.onnx` (only for models with a graph and example inputs); `safetensors`:
-    write `<stem>.safetensors`; `verify`: run the ONNX file in onnxruntime on the test (or example)
-    inputs and load the safetensors back, against the merged model, within `atol`/`rtol`.
-    """
-
-    onnx: bool = True
-    safetensors: bool = True
-    verify: bool = True
-    provider: str = "cpu"
-    atol: float = 1e-4
-    rtol: float = 1e-4
-    codebook_dtype: str = "float32"
-
-    _what = "export options"
-
-
-def _export_targets(model_path: Path, export: ExportOptions, graph: bool) -> list[Path]:
-    stem = model_path.name.rsplit(".tied.", 1)[0]
-    out = []
-    if export.onnx and graph:
-        out.append(model_path.parent / f"{stem}.onnx")
-    if export.safetensors:
-        out.append(model_path.parent / f"{stem}.safetensors")
-    return out
-
-
-def _cpu_lacks_bfloat16(model: nn.Module, provider: str) -> bool:
-    cpu = provider.lower() in ("cpu", "cpuexecutionprovider")
-    return cpu and any(t.dtype == torch.bfloat16 for t in (*model.parameters(), *model.buffers()))
-
-
-def _export_and_verify(run: _Run, codebooks: Codebooks, staging: Path, notes: list[str]) -> tuple[list, list]:
-    """Export into `staging` (the final names, so external data references stay right) and verify.
-
-    What could not be checked is said in `notes` (never skipped silently).
-    """
-    export, model, examples = run.export, run.model, run.graph_examples
-    exports, checks = [], []
-    for target in run.export_paths:
-        path = staging / target.name
-        if target.suffix == ".onnx":
-            exports.append(export_onnx(model, codebooks, path, examples, codebook_dtype=export.codebook_dtype))
-            if export.verify and _cpu_lacks_bfloat16(model, export.provider):
-                notes.append(f"{target.name} not run in onnxruntime: its CPU provider has no bfloat16 kernels "
-                             "(verify it on a GPU with the CUDA provider); the safetensors file is verified")
-            elif export.verify:
-                checks.append(_verify_onnx(run, path))
-        else:
-            exports.append(export_safetensors(model, codebooks, path))
-            if export.verify:
-                checks.append(verify_safetensors(path, model))
-    return exports, checks
-
-
-def _verify_onnx(run: _Run, path: Path):
-    data = run.data
-    x = data.test_inputs if data is not None and len(data.test_inputs) else run.examples
-    y = data.test_targets if data is not None and len(data.test_inputs) else None
-    return verify(path, run.model, x, provider=run.export.provider, atol=run.export.atol, rtol=run.export.rtol,
-                  original=run.reference, measure_runtime=False, targets=y, isolate=False)  # our own export
-
-
 # --- the working model ----------------------------------------------------------------------------
 
-def _working_copy(loaded, data) -> tuple[nn.Module, nn.Module | None, tuple | None]:
+def _working_copy(loaded, data, given: tuple | None = None) -> tuple[nn.Module, nn.Module | None, tuple | None]:
     """(model to merge, untouched reference or None, example inputs or None).
 
-    A module without example inputs borrows two calibration rows as its example when data is given.
+    A module without example inputs (`given` or its file's) borrows two calibration rows of `data`.
     """
     module = getattr(loaded, "module", None)
-    examples = getattr(loaded, "example_inputs", None)
+    examples = given or getattr(loaded, "example_inputs", None)
+    if not examples and isinstance(module, nn.Module) and data is not None and len(data.calib_inputs):
+        examples = (data.calib_inputs[:2].clone(),)
+    if isinstance(module, torch.jit.ScriptModule) and examples:  # tied as tensors, exported as TorchScript
+        tensors = _tensor_module(loaded.tensors, getattr(loaded, "aliases", {}) or {})
+        return tensors, module, tuple(examples)
     if isinstance(module, nn.Module) and not isinstance(module, torch.jit.ScriptModule):
-        if not examples and data is not None and len(data.calib_inputs):
-            examples = (data.calib_inputs[:2].clone(),)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation on deepcopy
             # a copy: `program.module()` shares its tensors with the program (and with loaded.module)
             return copy.deepcopy(module), module, (tuple(examples) if examples else None)
     return _tensor_module(loaded.tensors, getattr(loaded, "aliases", {}) or {}), None, None
+
+
+def _merged_script(script: torch.jit.ScriptModule, merged: nn.Module) -> torch.jit.ScriptModule:
+    """A copy of the TorchScript module holding the merged (decoded) values of `merged`'s tensors."""
+    from ..state import effective_tensors
+
+    copy_ = copy.deepcopy(script)
+    with torch.no_grad():
+        copy_.load_state_dict(effective_tensors(merged), strict=False)
+    return copy_
+
+
+def _no_onnx_notes(run: _Run) -> list[str]:
+    """Why no ONNX file is written when one was asked for, and which option gives one."""
+    if not run.export.onnx or run.graph_examples is not None:
+        return []
+    module = getattr(run.loaded, "module", None)
+    shape, data = Option("input_shape").python(), Option("data").python()
+    if isinstance(module, nn.Module):
+        return [(f"no ONNX written: {run.loaded.path} has no example inputs to trace it with; give them with "
+                f"{shape} (e.g. '1x3x224x224', 'int64:1x128') or {data}")]
+    return [(f"no ONNX written: {run.loaded.path} holds tensors only (no graph to export); give the model as a .pt2 "
+            "(torch.export.save with example inputs)")]
 
 
 def _tensor_module(tensors, aliases: dict[str, str]) -> nn.Module:

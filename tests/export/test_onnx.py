@@ -65,10 +65,9 @@ def test_export_matches_merged_model(tmp_path, kind, bits):
     dense = [t for t in inits.values() if t.data_type == TensorProto.FLOAT and not t.name.endswith(".codebook")]
     assert all(math.prod(t.dims) < min(cb.numel for cb in cbs.tensors.values()) for t in dense)
     assert report.file_bytes == path.stat().st_size
-    if kind in TIED:  # one parameter used twice (once transposed): one codebook, one decode
-        graph = onnx.load(str(path)).graph
-        decodes = [n for n in graph.node if f"{TIED[kind]}.codebook" in n.input]
-        assert len(decodes) == 1
+    if kind in TIED:  # one parameter used twice (once transposed): one codebook, one index
+        stored = [n for n in inits if n.startswith(TIED[kind])]
+        assert sorted(stored) == [f"{TIED[kind]}.codebook", f"{TIED[kind]}.index"]
 
 
 def test_declared_alias_reads_its_target(tmp_path):
@@ -232,8 +231,8 @@ def test_declared_dense_tie_is_stored_once_even_without_dedup(tmp_path):
     assert max_error(model, tmp_path / "m.onnx", x) <= 1e-5
 
 
-def test_merged_weight_the_exporter_transforms_is_left_dense_and_named(tmp_path):
-    class Concat(nn.Module):  # big enough that torch's own optimizer does not fold the concat first
+def test_merged_weight_concatenated_with_a_dense_one_keeps_its_codebook(tmp_path):
+    class Concat(nn.Module):
         def __init__(self):
             super().__init__()
             self.a, self.b = nn.Linear(64, 160), nn.Linear(64, 160)
@@ -246,9 +245,35 @@ def test_merged_weight_the_exporter_transforms_is_left_dense_and_named(tmp_path)
     x = torch.rand(3, 64)
     report = export_onnx(model, cbs, tmp_path / "m.onnx", x)
     assert max_error(model, tmp_path / "m.onnx", x) <= 1e-5
-    assert report.entry("a.weight").storage == "dense"
-    assert "not found in the exported graph" in report.entry("a.weight").note
-    assert any("computed from merged `a.weight`" in e.note for e in report.tensors)
+    assert report.entry("a.weight").storage == "codebook" and not report.losses()
+    sizes = sorted(math.prod(t.dims) for t in initializers(tmp_path / "m.onnx").values()
+                   if t.data_type == TensorProto.FLOAT)
+    assert sizes[-1] == 160 * 64 and sizes[-2] < 160 * 64  # b.weight dense, a.weight only as a codebook
+
+
+def test_a_merged_tensor_the_exporter_folds_away_is_counted_dense_with_the_bytes_lost(tmp_path):
+    """A codebook for a plain parameter (no decode to trace) that the exporter folds into a constant."""
+    class Concat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 24), nn.Linear(16, 24)
+
+        def forward(self, x):
+            return x @ torch.cat([self.a.weight, self.b.weight]).t()
+
+    from tests.helpers.export_models import cluster
+
+    model = Concat().eval()
+    cb = cluster("a.weight", model.a.weight, 4)
+    with torch.no_grad():
+        model.a.weight.copy_(cb.decode())
+    report = export_onnx(model, Codebooks(tensors={"a.weight": cb}), tmp_path / "m.onnx", torch.rand(3, 16))
+    assert max_error(model, tmp_path / "m.onnx", torch.rand(3, 16)) <= 1e-5
+    [loss] = report.losses()
+    assert (loss.name, loss.kind) == ("a.weight", "dense")
+    assert loss.bytes == 24 * 16 * 4 - (packed_size(24 * 16, 4) + 16 * 4)
+    assert any(n.startswith("`a.weight` is stored dense, not as codebook + indices in m.onnx: 1,280 bytes more")
+               for n in report.notes)
 
 
 # --- files and refusals ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from torch import nn
 from compress.errors import BadInputError
 from compress.granularity import Granularity
 from compress.kmeans import kmeans_1d
+from compress.packing import packed_size
 from compress.pipeline import tie_onnx
 from compress.tying import TieConfig
 
@@ -37,7 +38,8 @@ def test_weights_of_an_existing_model_are_clustered_and_others_left_dense_with_a
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
     x = torch.rand(5, 64)
     export_dense(model, x, tmp_path / "dense.onnx")
-    report = tie_onnx(tmp_path / "dense.onnx", tmp_path / "tied.onnx", TieConfig(bits=4, exclude=["2.*"]))
+    result = tie_onnx(tmp_path / "dense.onnx", tmp_path / "tied.onnx", TieConfig(bits=4, exclude=["2.*"]))
+    report = result.export
     onnx.checker.check_model(str(tmp_path / "tied.onnx"), full_check=True)
     assert report.entry("0.weight").storage == "codebook" and report.entry("0.weight").index_type == "UINT4"
     assert report.entry("2.weight").note == "left dense: excluded"
@@ -47,6 +49,13 @@ def test_weights_of_an_existing_model_are_clustered_and_others_left_dense_with_a
         h = np.maximum(x.numpy() @ w0.T + model[0].bias.numpy(), 0)
         want = h @ model[2].weight.numpy().T + model[2].bias.numpy()
     assert np.abs(run_onnx(tmp_path / "tied.onnx", x) - want).max() <= 1e-4
+    # checked in onnxruntime: exact against the merged input, and how far from the input itself
+    assert result.verified and result.verification.checks[0].max_abs <= 1e-5
+    [vs_input] = result.verification.original
+    assert 0.99 < vs_input.mean_cosine < 1 and vs_input.top1_agreement is not None
+    assert report.independent_bound.total == (packed_size(128 * 64, 4) + 16 * 4 + (128 + 128 * 10 + 10) * 4
+                                              + report.independent_bound.graph_bytes)
+    assert report.vs_bound <= 1.03
 
 
 def test_a_grouped_weight_decodes_every_row_from_its_own_group(tmp_path):
@@ -57,8 +66,9 @@ def test_a_grouped_weight_decodes_every_row_from_its_own_group(tmp_path):
         model[0].weight.mul_(torch.tensor([1.0] * 4 + [30.0] * 4 + [900.0]).unsqueeze(1))
     x = torch.rand(3, 128)
     export_dense(model, x, tmp_path / "rows9.onnx")
-    tie_onnx(tmp_path / "rows9.onnx", tmp_path / "tied.onnx",
-             TieConfig(bits=4, granularity="group", group_size=4, min_elements=0))
+    result = tie_onnx(tmp_path / "rows9.onnx", tmp_path / "tied.onnx",
+                      TieConfig(bits=4, granularity="group", group_size=4, min_elements=0))
+    assert result.verified
     w = model[0].weight.detach()
     inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "tied.onnx")).graph.initializer}
     codebook = inits["0.weight.codebook"]
