@@ -35,6 +35,7 @@ MIN_OPSET = {TensorProto.UINT2: 25, TensorProto.UINT4: 21}
 _ONNX_FLOAT = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
                torch.float64: TensorProto.DOUBLE, torch.bfloat16: TensorProto.BFLOAT16}
 CODEBOOK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+DECODE_NODE = "compress.decode"  # the name (prefix) of every node that looks a codebook up
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,8 @@ class Decoder:
 
     @staticmethod
     def gather(table: str, index: str, out: str) -> onnx.NodeProto:
-        return helper.make_node("Gather", [table, index], [out], axis=0)
+        """The lookup, named `DECODE_NODE:<out>` so later passes (`runtime_form`) know it for a decode."""
+        return helper.make_node("Gather", [table, index], [out], axis=0, name=f"{DECODE_NODE}:{out}")
 
 
 def decode_graph(cb: TensorCodebook, layout: IndexLayout, out: str, namer, consts: Constants,
