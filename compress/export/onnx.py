@@ -40,6 +40,7 @@ from ._decode import (
     packed_overhead,
 )
 from .affine import fold_batchnorm
+from .baked import StoredIndex
 from .layout import replace_placeholders
 from .locate import FLOAT_TYPES, dense_tie_targets, locate_by_value
 from .report import ExportReport, TensorEntry
@@ -170,7 +171,8 @@ class _Job:
             for tensor in placement.gathered[value]:
                 self.moved.setdefault(tensor, []).append("BatchNorm folded into a per-channel scale after the decode")
         g.initializer.extend(consts.initializers)
-        self.notes += runtime_form(self.proto)
+        self.notes += runtime_form(self.proto, {d.index_name: StoredIndex(d.cb.k, d.cb.numel, d.layout)
+                                                for d in decoders.values() if d.elementwise})
         opsets = [o for o in self.proto.opset_import if o.domain != DOMAIN]
         del self.proto.opset_import[:]
         self.proto.opset_import.extend(opsets)

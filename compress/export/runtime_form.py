@@ -30,14 +30,17 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..packing import pack_bits, unpack_bits
 from . import graph as _graph
-from ._decode import DECODE_NODE
+from ._decode import DECODE_NODE, INDEX_NODE, Constants
+from .baked import StoredIndex, bake_layouts
 
 _ROW_BITS = {TensorProto.UINT2: 2, TensorProto.UINT4: 4, TensorProto.UINT8: 8}
 
 
-def runtime_form(proto: onnx.ModelProto) -> list[str]:
-    """Both rewrites on `proto` (in place) where its opset has the ops they use (BitwiseAnd: 18,
-    Unsqueeze with axes as an input: 13); returns a note per embedding decoded by rows."""
+def runtime_form(proto: onnx.ModelProto, stored: dict[str, StoredIndex]) -> list[str]:
+    """Layouts baked into the stored indices (`baked.py`), then both rewrites, on `proto` (in place) where
+    its opset has the ops they use (BitwiseAnd: 18, Unsqueeze with axes as an input: 13); returns a
+    note per embedding decoded by rows."""
+    bake_layouts(proto, stored)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     notes = decode_rows(proto) if opset >= 18 else []
     if opset >= 13:
@@ -57,12 +60,13 @@ def decode_rows(proto: onnx.ModelProto) -> list[str]:
         for name in node.input:
             readers[name].append(node)
     outputs = {o.name for o in g.output}
-    consts = _Consts(g, _graph.Namer(proto))
+    consts = Constants(_graph.Namer(proto))
     notes = []
     for node in list(g.node):
         match = _row_decode(node, inits, producer, readers, outputs)
         if match is not None:
             notes.append(_rewrite_rows(g, node, *match, consts))
+    g.initializer.extend(consts.initializers)
     if notes:
         _graph.eliminate_dead(g)
     return notes
@@ -153,20 +157,22 @@ def _unpack_rows(picked: str, ids: str, bits: int, row_bytes: int, cols: int, no
         return picked
     per = 8 // bits
     v = {k: consts.namer(f"{picked}.{k}") for k in ("col", "shifted", "masked", "ids_shape", "shape", "flat", "cut")}
+    c = {"axis": consts(np.array([-1], np.int64), "rows.axis"),
+         "shift": consts(np.arange(per, dtype=np.uint8) * bits, "rows.shift"),
+         "mask": consts(np.array((1 << bits) - 1, np.uint8), "rows.mask"),
+         "width": consts(np.array([row_bytes * per], np.int64), "rows.width")}
     nodes += [
-        helper.make_node("Unsqueeze", [picked, consts(np.array([-1], np.int64))], [v["col"]]),
-        helper.make_node("BitShift", [v["col"], consts(np.arange(per, dtype=np.uint8) * bits)], [v["shifted"]],
-                         direction="RIGHT"),
-        helper.make_node("BitwiseAnd", [v["shifted"], consts(np.array((1 << bits) - 1, np.uint8))], [v["masked"]]),
+        helper.make_node("Unsqueeze", [picked, c["axis"]], [v["col"]]),
+        helper.make_node("BitShift", [v["col"], c["shift"]], [v["shifted"]], direction="RIGHT"),
+        helper.make_node("BitwiseAnd", [v["shifted"], c["mask"]], [v["masked"]]),
         helper.make_node("Shape", [ids], [v["ids_shape"]]),
-        helper.make_node("Concat", [v["ids_shape"], consts(np.array([row_bytes * per], np.int64))], [v["shape"]],
-                         axis=0),
+        helper.make_node("Concat", [v["ids_shape"], c["width"]], [v["shape"]], axis=0),
         helper.make_node("Reshape", [v["masked"], v["shape"]], [v["flat"]]),
     ]
     if row_bytes * per == cols:
         return v["flat"]
-    nodes.append(helper.make_node("Slice", [v["flat"], consts(np.array([0], np.int64)),
-                                            consts(np.array([cols], np.int64)), consts(np.array([-1], np.int64))],
+    ends = consts(np.array([cols], np.int64), "rows.end")
+    nodes.append(helper.make_node("Slice", [v["flat"], consts(np.array([0], np.int64), "rows.start"), ends, c["axis"]],
                                   [v["cut"]]))
     return v["cut"]
 
@@ -174,39 +180,56 @@ def _unpack_rows(picked: str, ids: str, bits: int, row_bytes: int, cols: int, no
 # --- element lookups --------------------------------------------------------------------------------
 
 def lookup_elements(proto: onnx.ModelProto) -> int:
-    """Every decode `Gather(table, index)` of a flat codebook becomes GatherElements on the flattened index
-    (reshaped back to the index's shape after); returns how many. Row lookups (a gathered index of
-    run-time rows) keep their Gather."""
+    """Every decode `Gather(table, index)` of a small flat codebook whose index has a shape known in the
+    file becomes GatherElements on the codebook expanded to `[K, d1, ..., dn]` (`[K]` for a 1-D index);
+    returns how many. Row lookups keep their Gather; so does a per-row codebook (K = rows x k: its
+    expanded table would be as large as the weight)."""
     g = proto.graph
-    consts = _Consts(g, _graph.Namer(proto))
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    consts = Constants(_graph.Namer(proto))
     out, count = [], 0
     for node in g.node:
-        if not node.name.startswith(DECODE_NODE) or node.op_type != "Gather" or ".picked_i32" in node.input[1]:
+        shape = _index_shape(node, inits, producer)
+        if shape is None:
             out.append(node)
             continue
         table, index = node.input
-        v = {k: consts.namer(f"{node.output[0]}.{k}") for k in ("shape", "flat", "values")}
-        out += [
-            helper.make_node("Shape", [index], [v["shape"]]),
-            helper.make_node("Reshape", [index, consts(np.array([-1], np.int64))], [v["flat"]]),
-            helper.make_node("GatherElements", [table, v["flat"]], [v["values"]], axis=0, name=node.name),
-            helper.make_node("Reshape", [v["values"], v["shape"]], list(node.output)),
-        ]
+        k = math.prod(inits[table].dims) if table in inits else math.prod(inits[producer[table].input[0]].dims)
+        if k * math.prod(shape[1:]) * 4 > math.prod(shape):
+            out.append(node)
+            continue
+        data = table
+        if len(shape) > 1:
+            column, data = consts.namer(f"{node.output[0]}.column"), consts.namer(f"{node.output[0]}.table")
+            out += [helper.make_node("Reshape", [table, consts(np.array([k] + [1] * (len(shape) - 1), np.int64),
+                                                                "table.column")], [column]),
+                    helper.make_node("Expand", [column, consts(np.array([k, *shape[1:]], np.int64), "table.shape")],
+                                     [data])]
+        out.append(helper.make_node("GatherElements", [data, index], list(node.output), axis=0, name=node.name))
         count += 1
     del g.node[:]
     g.node.extend(out)
+    g.initializer.extend(consts.initializers)
     return count
 
 
-class _Consts:
-    """Small constants added to the graph once per value, and fresh names."""
-
-    def __init__(self, graph, namer):
-        self.graph, self.namer, self.seen = graph, namer, {}
-
-    def __call__(self, value: np.ndarray) -> str:
-        key = (value.dtype.str, value.shape, value.tobytes())
-        if key not in self.seen:
-            self.seen[key] = self.namer("runtime_form.const")
-            self.graph.initializer.append(numpy_helper.from_array(value, self.seen[key]))
-        return self.seen[key]
+def _index_shape(node, inits: dict, producer: dict) -> list[int] | None:
+    """The static shape of a whole-weight decode's index (a cast stored index, or a reshape of one to a
+    constant shape), None for anything else (row lookups, layout ops left on the index)."""
+    if not node.name.startswith(DECODE_NODE) or node.op_type != "Gather" or node.name.endswith("|rows"):
+        return None
+    table = node.input[0]
+    if table not in inits and (table not in producer or producer[table].input[0] not in inits):
+        return None  # a concatenation of codebooks
+    source = producer.get(node.input[1])
+    if source is not None and source.op_type == "Add" and source.input[1] in inits:
+        source = producer.get(source.input[0])  # a constant base
+    if source is None or not source.name.startswith(INDEX_NODE):
+        return None
+    if source.op_type == "Cast" and source.input[0] in inits and inits[source.input[0]].dims:
+        return [int(d) for d in inits[source.input[0]].dims]
+    if source.op_type == "Reshape" and source.input[1] in inits:
+        shape = numpy_helper.to_array(inits[source.input[1]]).tolist()
+        return shape if all(d > 0 for d in shape) else None
+    return None

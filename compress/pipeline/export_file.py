@@ -8,6 +8,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from ..atomic import all_or_nothing, check_output, staging_dir
@@ -60,8 +61,8 @@ def _export(loaded, codebooks, source, onnx, safetensors, ort, codebook_dtype: s
             raise BadInputError(f"{path}: ONNX export needs a runnable model with example inputs "
                                 f"(a .pt2 from `compress tie`); this is a {loaded.kind} file")
         program = loaded.program if loaded.program is not None else loaded.module
-        with staging_dir(Path(ort or onnx).parent) as tmp:
-            target = Path(onnx) if onnx is not None else Path(tmp) / "model.onnx"
+        with contextlib.ExitStack() as stack:  # ORT format alone: its ONNX is an intermediate, staged beside it
+            target = Path(onnx) if onnx is not None else stack.enter_context(staging_dir(Path(ort).parent)) / "m.onnx"
             reports["onnx"] = export_onnx(program, codebooks, target, loaded.example_inputs,
                                           codebook_dtype=codebook_dtype, dedup=dedup, force=force)
             if ort is not None:
