@@ -7,12 +7,14 @@ ops (transposes) are applied to the indices, and an embedding table read by a Ga
 decoded whole (its rows are gathered from the indices at run time).
 
 `keep_compressed=True` keeps the weights as codebook + indices in memory and decodes them at every
-run: constant folding off, and the CPU arena shrunk after every run so the decode buffers go back
-(`make_session` returns a session whose `run` asks for that; with the arena off, or kept unshrunk,
-glibc or the arena hold the decode buffers of a run: measured 57 MB and 278 MB resident on MiniLM
-and a 4096x4096 layer, against 37 MB and 87 MB shrunk). It pays the decode at every run: about
-1 ns per weight on these CPUs, so it suits large batches better than batch-1 latency; see
-BENCHMARKS.md ("Runtime") for the measured ratios. `verify` measures both modes.
+run: constant folding off, and onnxruntime's memory pattern off (with it on, every run allocates one
+block planned for the whole run, decoded weights included: MiniLM resident 59 MB at batch 8 against
+42 MB without). The arena keeps the buffers of the largest decode between runs, so a model with
+one very large layer keeps that layer's decoded size resident; `compressed_run_options()` returns
+those buffers after every run at the cost of faulting the pages in again (a 4096x4096 layer:
+resident 150 MB -> 22 MB, 18 ms -> 60 ms per run). Every run pays the decode: about 1 ns per weight
+on these CPUs, so the mode suits large batches better than batch-1 latency; see BENCHMARKS.md
+("Runtime") for the measured ratios. `verify` measures both modes.
 
 Example::
 
@@ -38,8 +40,7 @@ from .sandbox import RunBudget, run_limited
 # Constant folding is what expands the decode into dense weights at load; the other optimizers stay on
 # (turning them all off, ORT_DISABLE_ALL, measured the same memory and latency).
 _CONFIG = {"optimization.disable_specified_optimizers": "ConstantFolding"}
-# After each run the arena returns the chunks the run freed (the decoded weights) to the system.
-_SHRINK = "memory.enable_memory_arena_shrinkage"
+_SHRINK = "memory.enable_memory_arena_shrinkage"  # a run option: the arena returns what the run freed
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _PACKAGE_FOR = {"CUDAExecutionProvider": "onnxruntime-gpu (pip install 'compress[gpu]') and a CUDA GPU",
                 "TensorrtExecutionProvider": "onnxruntime-gpu with TensorRT",
@@ -69,11 +70,13 @@ def session_options(keep_compressed: bool = False):
     if keep_compressed:
         for key, value in _CONFIG.items():
             opts.add_session_config_entry(key, value)
+        opts.enable_mem_pattern = False
     return opts
 
 
 def compressed_run_options(provider: str = "cpu"):
-    """RunOptions of the keep-compressed mode: shrink the arenas after the run (`arena_devices`)."""
+    """RunOptions that return the arenas' free memory after the run (`arena_devices`): for a
+    keep-compressed session of a model with one very large layer (see the module docstring)."""
     import onnxruntime as ort
 
     opts = ort.RunOptions()
@@ -107,8 +110,7 @@ def make_session(path: str | Path, provider: str = "cpu", keep_compressed: bool 
     read_onnx(path, load_data=False)
     release_freed_memory()  # the check parsed the protobuf in Python: give those pages back
     try:
-        kind = _compressed_session_type() if keep_compressed else ort.InferenceSession
-        session = kind(str(path), session_options(keep_compressed), providers=[name])
+        session = ort.InferenceSession(str(path), session_options(keep_compressed), providers=[name])
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadInputError(f"{path}: onnxruntime could not load the model: {first}") from e
@@ -136,27 +138,6 @@ def release_freed_memory() -> None:
         return
     if trim is not None:
         trim(0)
-
-
-_SESSION_TYPE = None
-
-
-def _compressed_session_type():
-    """`onnxruntime.InferenceSession` whose `run` shrinks the arenas afterwards unless told otherwise."""
-    global _SESSION_TYPE
-    if _SESSION_TYPE is None:
-        import onnxruntime as ort
-
-        class CompressedSession(ort.InferenceSession):
-            """A session that keeps the weights compressed: each run decodes them, then frees the buffers."""
-
-            def run(self, output_names, input_feed, run_options=None):
-                if run_options is None:
-                    run_options = compressed_run_options(self.get_providers()[0])
-                return super().run(output_names, input_feed, run_options)
-
-        _SESSION_TYPE = CompressedSession
-    return _SESSION_TYPE
 
 
 def feed(session, inputs) -> dict[str, np.ndarray]:
@@ -217,7 +198,7 @@ def measure(path: str | Path, inputs, *, provider: str = "cpu", keep_compressed:
             files.append(str(Path(tmp) / f"input{i}.npy"))
             np.save(files[-1], arr)
         job = {"path": str(path), "provider": name, "keep_compressed": keep_compressed, "config": _CONFIG,
-               "shrink": {_SHRINK: arena_devices(name)}, "runs": runs, "inputs": files}
+               "runs": runs, "inputs": files}
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         if budget is None:
             proc = subprocess.run([sys.executable, "-c", _CHILD], check=False, input=json.dumps(job),
@@ -266,12 +247,10 @@ inputs = [np.load(f) for f in job["inputs"]]
 base = memory_mb("VmRSS")
 opts = ort.SessionOptions()
 opts.log_severity_level = 3
-run_opts = ort.RunOptions()
-if job["keep_compressed"]:
+if job["keep_compressed"]:  # as compress.runtime.session_options does
     for key, value in job["config"].items():
         opts.add_session_config_entry(key, value)
-    for key, value in job["shrink"].items():
-        run_opts.add_run_config_entry(key, value)
+    opts.enable_mem_pattern = False
 start = time.perf_counter()
 session = ort.InferenceSession(job["path"], opts, providers=[job["provider"]])
 release_freed_memory()
@@ -279,11 +258,11 @@ load = time.perf_counter() - start
 if session.get_providers()[0] != job["provider"]:
     sys.exit("session fell back to " + session.get_providers()[0])
 fed = {i.name: a for i, a in zip(session.get_inputs(), inputs)}
-session.run(None, fed, run_opts)
+session.run(None, fed)
 times = []
 for _ in range(max(job["runs"], 1)):
     t = time.perf_counter()
-    session.run(None, fed, run_opts)
+    session.run(None, fed)
     times.append((time.perf_counter() - t) * 1000)
 print(json.dumps({"load_s": load, "latency_ms": statistics.median(times),
                   "rss_mb": memory_mb("VmRSS") - base, "peak_mb": memory_mb("VmHWM") - base}))

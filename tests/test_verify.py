@@ -62,6 +62,7 @@ def test_keep_compressed_session_keeps_the_decode(exported, tmp_path):
     assert result.passed and result.mode == "keep_compressed"
     opts = session_options(keep_compressed=True)
     assert opts.get_session_config_entry("optimization.disable_specified_optimizers") == "ConstantFolding"
+    assert not opts.enable_mem_pattern  # one block planned per run would hold every decoded weight
     for keep in (True, False):
         opts = session_options(keep_compressed=keep)
         opts.optimized_model_filepath = str(tmp_path / f"optimized-{keep}.onnx")

@@ -45,7 +45,7 @@ _BITS = {1: 32, 10: 16, 11: 64, 16: 16, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 
 _NARROW = {2, 3, 4, 5, 21, 22, 25, 26}  # integer types an index is stored in (int32/int64 only when large)
 # ops a codebook may pass through on its way to a lookup -> the inputs that carry it (None: all)
 _TABLE_OPS = {"Cast": (0,), "Concat": None, "Reshape": (0,), "Identity": (0,), "Flatten": (0,), "Squeeze": (0,),
-              "Unsqueeze": (0,), "CastLike": (0,), "Expand": (0,)}
+              "Unsqueeze": (0,), "CastLike": (0,), "Expand": (0,), "Gather": (0,), "Transpose": (0,), "Slice": (0,)}
 _LOOKUPS = ("Gather", "GatherElements")
 _CONSTANT_MIN = 1024  # an int32/int64 initializer this large feeding a decode is an index, not a constant
 
@@ -169,7 +169,7 @@ def _sources(value: str, inits: dict, producer: dict, ops: dict | None) -> list[
     op on the way is in `ops` (op -> the inputs that carry the data; None: any op without a subgraph);
     else None. The shape a value has (Shape, Size) carries no stored data; rows gathered at run time
     (a row lookup of an embedding's indices: Gather(indices, token ids)) carry their table's."""
-    found, seen, stack = [], set(), [value]
+    found, seen, stack, runtime, rows = [], set(), [value], False, False
     while stack:
         name = stack.pop()
         if not name or name in seen:
@@ -180,14 +180,17 @@ def _sources(value: str, inits: dict, producer: dict, ops: dict | None) -> list[
             continue
         node = producer.get(name)
         if node is None:
-            return None  # a graph input, or a value from an outer scope
+            runtime = True  # a graph input, or a value from an outer scope
+            continue
         if node.op_type in ("Constant", "Shape", "Size"):
             continue
         if (ops is not None and node.op_type not in ops) or any(a.type in (5, 10) for a in node.attribute):
             return None  # 5, 10: GRAPH, GRAPHS attributes (If/Loop/Scan)
+        rows = rows or (ops is None and node.op_type == "Gather")
         slots = ops.get(node.op_type) if ops is not None else ((0,) if node.op_type == "Gather" else None)
         stack.extend(n for i, n in enumerate(node.input) if slots is None or i in slots)
-    return sorted(found) if found else None
+    # run-time values may only choose rows (token ids: the rows gathered and their codebook offsets)
+    return sorted(found) if found and (rows or not runtime) else None
 
 
 def _row_bits(index: str, inits: dict, producer: dict) -> int | None:

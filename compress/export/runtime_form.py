@@ -1,154 +1,257 @@
 """The decode in the form that costs least when the file runs, in either onnxruntime session mode.
 
-Two rewrites of the finished graph, both exact (the same values, the same stored bytes):
+Every stored index is first written in the layout the graph reads (`baked.py`). Then each decode
+becomes one of three exact forms (the same values, the same stored bytes but for row padding):
 
-- **Row lookups** (`decode_rows`): an embedding's decoded table is read only by a Gather with the
-  token ids. Decoding it whole costs a dense table in memory (a default session folds it at load) or
-  a full-table decode at every run (constant folding off). Gathering the rows of the *indices* first
-  and decoding only those rows gives the same value, and the table never exists: it stays codebook
-  + packed indices in memory whatever the session. Gather cannot read sub-byte tensors, so a
-  UINT4/UINT2 index is stored as uint8 rows holding the same packed bits (`[rows, ceil(cols * bits
-  / 8)]`: the very same bytes when a row fills whole bytes) and the gathered rows are unpacked
-  in-graph (BitShift, BitwiseAnd). Per-tensor codebooks only (no row offsets to gather).
-- **Element lookups** (`lookup_elements`): every other decode reads the flat codebook with
-  GatherElements on the flattened index instead of Gather: onnxruntime
-  1.32 CPU decodes 590k indices in 630 us that way against 1800 us (it copies one element per index
-  instead of one slice), which a session that keeps the weights compressed pays at every run.
+- **Rows** (an embedding): a decoded table read only by Gathers of token ids is never decoded whole.
+  The ids gather rows of the *indices*, and only those rows are decoded, so the table stays codebook
+  + packed indices in memory in either session mode (a default session would fold a whole-table
+  decode into a dense table at load). Gather cannot read sub-byte tensors, so 4- and 2-bit indices
+  are stored as uint8 rows of the same packed bits (`[rows, ceil(cols * bits / 8)]`, the very same
+  bytes when a row fills whole bytes) and the gathered rows are unpacked in-graph (BitShift,
+  BitwiseAnd). Per-row codebooks add each gathered row's codebook offset, computed from the ids.
+- **Elements**: `GatherElements` on a small table holding each line's codebook (`[k, cols]` for one
+  codebook per tensor, `[rows, k]` for one per row or group of rows), expanded along the other axes.
+  onnxruntime 1.32 CPU decodes 590k indices in 630 us that way against 1800 us with Gather (one
+  element copied per index instead of one slice), which a session that keeps the weights compressed
+  pays at every run. Used where that table is at most a quarter of the weight.
+- **Gather** on the flat codebook (with each line's offset added), as `_decode` builds it: the rest.
 
-A default session folds either form at load; the peak and resident memory of that load is what
-`bench/runtime.py` measures against the fp32 model.
+A default session folds the last two forms at load; its peak and resident memory against the fp32
+model's is what `bench/runtime.py` measures.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from ..packing import pack_bits, unpack_bits
+from ..packing import pack_bits
 from . import graph as _graph
-from ._decode import DECODE_NODE, INDEX_NODE, Constants
-from .baked import StoredIndex, bake_layouts
+from ._decode import DECODE_NODE, Constants
+from .baked import IndexValue, StoredIndex, index_nodes, index_values, line_rows, store_local
 
 _ROW_BITS = {TensorProto.UINT2: 2, TensorProto.UINT4: 4, TensorProto.UINT8: 8}
+_TABLE_SHARE = 4  # the elements form's expanded table may hold at most 1/4 of the weight's elements
+
+
+class _Graph:
+    """The graph being rewritten: lookups by name, and new nodes placed before the node that needs them."""
+
+    def __init__(self, proto: onnx.ModelProto):
+        self.proto, self.g = proto, proto.graph
+        self.inits = {t.name: t for t in self.g.initializer}
+        self.producer = {o: n for n in self.g.node for o in n.output}
+        self.readers: dict[str, list] = defaultdict(list)
+        for node in _graph.all_nodes(self.g):
+            for name in node.input:
+                self.readers[name].append(node)
+        self.outputs = {o.name for o in self.g.output}
+        self.consts = Constants(_graph.Namer(proto))
+        self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self._before: dict[int, list] = defaultdict(list)
+        self._replaced: dict[int, list] = {}
+
+    def before(self, anchor, nodes: list) -> None:
+        self._before[id(anchor)] += nodes
+
+    def replace(self, node, nodes: list) -> None:
+        self._replaced[id(node)] = nodes
+
+    def apply(self) -> None:
+        out = []
+        for node in self.g.node:
+            out += self._before.get(id(node), [])
+            out += self._replaced.get(id(node), [node])
+        del self.g.node[:]
+        self.g.node.extend(out)
+        self.g.initializer.extend(self.consts.initializers)
+        _graph.eliminate_dead(self.g)
+
+    def decode_of(self, value: str):
+        """The decode reading `value` as its index, when nothing else reads it."""
+        users = self.readers[value]
+        if len(users) == 1 and users[0].name.startswith(DECODE_NODE) and users[0].op_type == "Gather":
+            return users[0] if list(users[0].input[1:]) == [value] else None
+        return None
+
+    def runtime_lookups(self, decode) -> list | None:
+        """The Gathers that read rows of `decode`'s output at ids known only at run time, when they are
+        all that reads it."""
+        out = decode.output[0]
+        users = self.readers[out]
+        if out in self.outputs or not users:
+            return None
+        for node in users:
+            if (node.op_type != "Gather" or node.input[0] != out or _axis(node) != 0
+                    or self._constant(node.input[1], 0)):
+                return None
+        return users
+
+    def _constant(self, value: str, depth: int) -> bool:
+        """Whether `value` is computable from initializers alone (a default session folds it)."""
+        if value in self.inits:
+            return True
+        node = self.producer.get(value)
+        if node is None or depth > 64:
+            return False
+        return all(not name or self._constant(name, depth + 1) for name in node.input)
 
 
 def runtime_form(proto: onnx.ModelProto, stored: dict[str, StoredIndex]) -> list[str]:
-    """Layouts baked into the stored indices (`baked.py`), then both rewrites, on `proto` (in place) where
-    its opset has the ops they use (BitwiseAnd: 18, Unsqueeze with axes as an input: 13); returns a
-    note per embedding decoded by rows."""
-    bake_layouts(proto, stored)
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    notes = decode_rows(proto) if opset >= 18 else []
-    if opset >= 13:
-        lookup_elements(proto)
-    return notes
+    """Rewrite `proto` in place (see the module docstring); returns a note per embedding decoded by rows.
 
-
-# --- row lookups ------------------------------------------------------------------------------------
-
-def decode_rows(proto: onnx.ModelProto) -> list[str]:
-    """Decode tables read only by row lookups at their rows (see the module docstring)."""
-    g = proto.graph
-    inits = {t.name: t for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    readers: dict[str, list] = defaultdict(list)
-    for node in _graph.all_nodes(g):
-        for name in node.input:
-            readers[name].append(node)
-    outputs = {o.name for o in g.output}
-    consts = Constants(_graph.Namer(proto))
+    Rows need opset 18 (BitwiseAnd), elements opset 13 (GatherElements with these shapes)."""
+    graph = _Graph(proto)
     notes = []
-    for node in list(g.node):
-        match = _row_decode(node, inits, producer, readers, outputs)
-        if match is not None:
-            notes.append(_rewrite_rows(g, node, *match, consts))
-    g.initializer.extend(consts.initializers)
-    if notes:
-        _graph.eliminate_dead(g)
+    for value in index_values(proto, stored):
+        decode = graph.decode_of(value.frontier)
+        lookups = graph.runtime_lookups(decode) if decode is not None else None
+        if lookups and graph.opset >= 18 and _rows_fit(value):
+            notes.append(_rows(graph, value, decode, lookups))
+        elif decode is not None and graph.opset >= 13 and _element_axis(value) is not None:
+            _elements(graph, value, decode)
+        elif value.moved:
+            _plain(graph, value)
+    graph.apply()
     return notes
 
 
-def _row_decode(node, inits, producer, readers, outputs):
-    """(index initializer, the reading Gathers) when `node` decodes a whole per-tensor table that only
-    run-time row lookups read; else None."""
-    if not node.name.startswith(DECODE_NODE) or node.output[0] in outputs:
+def _plain(graph: _Graph, value: IndexValue) -> None:
+    """The stored index in the layout the graph reads, cast, with its offsets: what the chain computed."""
+    store_local(graph.inits[value.name], value)
+    nodes, out = index_nodes(value, graph.consts, offsets=True)
+    users = graph.readers[value.frontier]
+    for user in users:
+        user.input[:] = [out if i == value.frontier else i for i in user.input]
+    graph.before(min(users, key=list(graph.g.node).index), nodes)
+
+
+# --- elements ---------------------------------------------------------------------------------------
+
+def _element_axis(value: IndexValue) -> int | None:
+    """The axis GatherElements reads along: the longest one the lines do not vary on, when the table
+    expanded along the other axes stays small."""
+    shape, k = value.local.shape, value.info.k
+    axes = [a for a in range(len(shape)) if a != value.lines.axis]
+    if not axes:
         return None
-    cast = producer.get(node.input[1])
-    if cast is None or cast.op_type != "Cast" or len(readers[node.input[1]]) != 1:
-        return None
-    index = inits.get(cast.input[0])
-    if index is None or index.data_type not in _ROW_BITS or len(index.dims) != 2:
-        return None
-    users = readers[node.output[0]]
-    if not users or not all(_runtime_lookup(u, node.output[0], inits, producer) for u in users):
-        return None
-    return index, users
+    axis = max(axes, key=lambda a: shape[a])
+    return axis if shape[axis] >= _TABLE_SHARE * k else None
 
 
-def _runtime_lookup(node, table: str, inits, producer) -> bool:
-    """A Gather of rows of `table` at indices known only at run time (token ids)."""
-    if node.op_type != "Gather" or node.input[0] != table or _axis(node) != 0:
-        return False
-    ids = node.input[1]
-    if ids in inits:
-        return False
-    parent = producer.get(ids)
-    return parent is None or not _constant(parent, inits, producer)
+def _elements(graph: _Graph, value: IndexValue, decode) -> None:
+    store_local(graph.inits[value.name], value)
+    nodes, index = index_nodes(value, graph.consts, offsets=False)
+    axis = _element_axis(value)
+    table = _line_table(decode.input[0], value, axis, nodes, graph.consts)
+    nodes.append(helper.make_node("GatherElements", [table, index], list(decode.output), axis=axis,
+                                  name=decode.name))
+    graph.replace(decode, nodes)
 
 
-def _constant(node, inits, producer, depth: int = 0) -> bool:
-    """Whether `node`'s output is computable from initializers alone (a default session folds it)."""
-    if depth > 64:
-        return False
-    return all(not name or name in inits or (name in producer and _constant(producer[name], inits, producer,
-                                                                             depth + 1))
-               for name in node.input)
+def _line_table(flat: str, value: IndexValue, axis: int, nodes: list, consts: Constants) -> str:
+    """The codebook each element reads, at position `index` along `axis`: shape of the index with `axis`
+    replaced by k; each line's codebook row placed along the lines' axis, repeated along the others."""
+    lines, k, shape = value.lines, value.info.k, list(value.local.shape)
+    namer = consts.namer
+    rows, picked = namer("d"), namer("d")
+    nodes += [helper.make_node("Reshape", [flat, consts(np.array([-1, k], np.int64), f"codebook_rows{k}")], [rows]),
+              helper.make_node("Gather", [rows, line_rows(lines, nodes, consts)], [picked], axis=0)]  # [n, k]
+    if lines.axis is not None and lines.axis > axis:
+        flipped = namer("d")
+        nodes.append(helper.make_node("Transpose", [picked], [flipped], perm=[1, 0]))
+        picked = flipped
+    column = [1] * len(shape)
+    column[axis] = k
+    if lines.axis is not None:
+        column[lines.axis] = lines.n
+    placed = _reshape_to(picked, column, nodes, consts)
+    full = shape.copy()
+    full[axis] = k
+    if full == column:
+        return placed
+    out = namer("d")
+    nodes.append(helper.make_node("Expand", [placed, consts(np.array(full, np.int64), "table.shape")], [out]))
+    return out
 
 
-def _axis(node) -> int:
-    return next((a.i for a in node.attribute if a.name == "axis"), 0)
+def _reshape_to(value: str, shape: list[int], nodes: list, consts: Constants) -> str:
+    out = consts.namer("d")
+    nodes.append(helper.make_node("Reshape", [value, consts(np.array(shape, np.int64), "table.column")], [out]))
+    return out
 
 
-def _rewrite_rows(g, decode, index, lookups: list, consts) -> str:
-    bits = _ROW_BITS[index.data_type]
-    rows, cols = (int(d) for d in index.dims)
-    packed, row_bytes = _row_bytes(index, bits, rows, cols)
+# --- rows -------------------------------------------------------------------------------------------
+
+def _rows_fit(value: IndexValue) -> bool:
+    """A 2-D index of 2, 4 or 8 bits whose lines (if any) are its rows."""
+    return (value.local.ndim == 2 and value.lines.axis in (None, 0) and not value.info.layout.packed
+            and value.info.layout.onnx_type in _ROW_BITS)
+
+
+def _rows(graph: _Graph, value: IndexValue, decode, lookups: list) -> str:
+    index = graph.inits[value.name]
+    bits = _ROW_BITS[value.info.layout.onnx_type]
     before = _graph.data_size(index)
-    index.CopyFrom(numpy_helper.from_array(packed, index.name))  # same name: reports find it where it was
-    table = decode.input[0]
-    new = []
+    packed = _row_bytes(value.local, bits)
+    index.CopyFrom(onnx.numpy_helper.from_array(packed, index.name))  # same name: reports find it where it was
     for lookup in lookups:
-        ids, out = lookup.input[1], lookup.output[0]
-        picked = consts.namer(f"{index.name}.picked")
-        new.append(helper.make_node("Gather", [index.name, ids], [picked], axis=0))
-        unpacked = _unpack_rows(picked, ids, bits, row_bytes, cols, new, consts)
-        idx = consts.namer(f"{index.name}.picked_i32")
-        new += [helper.make_node("Cast", [unpacked], [idx], to=TensorProto.INT32),
-                helper.make_node("Gather", [table, idx], [out], axis=0, name=f"{decode.name}|rows")]
-        g.node.remove(lookup)
-    position = list(g.node).index(decode)
-    for i, node in enumerate(new):
-        g.node.insert(position + i, node)
+        nodes = _row_lookup(graph, value, decode, lookup, bits, packed.shape[1])
+        graph.replace(lookup, nodes)
     extra = packed.nbytes - before
     cost = f"; rows padded to whole bytes: +{extra:,} bytes" if extra > 0 else ""
     return (f"`{index.name}`: decoded only at the rows a Gather reads, never as a whole table; its {bits}-bit "
-            f"indices stored as uint8 rows of {row_bytes} bytes{cost}")
+            f"indices stored as uint8 rows of {packed.shape[1]} bytes{cost}")
 
 
-def _row_bytes(index, bits: int, rows: int, cols: int) -> tuple[np.ndarray, int]:
-    """The indices as uint8 [rows, row_bytes]: each row's indices packed lsb-first, padded to a whole byte."""
+def _row_bytes(local: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 [rows, ceil(cols * bits / 8)]: each row's indices packed lsb-first, padded to a whole byte."""
     if bits == 8:
-        return numpy_helper.to_array(index).astype(np.uint8).reshape(rows, cols), cols
-    row_bytes = math.ceil(cols * bits / 8)
-    raw = np.frombuffer(_graph.tensor_bytes(index), dtype=np.uint8)
-    if cols * bits % 8 == 0:
-        return raw[: rows * row_bytes].reshape(rows, row_bytes).copy(), row_bytes
-    values = unpack_bits(raw, bits, rows * cols).reshape(rows, cols)
-    return np.stack([pack_bits(row, bits) for row in values]).astype(np.uint8), row_bytes
+        return local.astype(np.uint8)
+    return np.stack([pack_bits(row.astype(np.int64), bits) for row in local]).astype(np.uint8)
+
+
+def _row_lookup(graph: _Graph, value: IndexValue, decode, lookup, bits: int, row_bytes: int) -> list:
+    """Gather(index rows, ids) -> unpack -> int32 (+ each row's codebook offset) -> Gather(codebook)."""
+    consts, namer = graph.consts, graph.consts.namer
+    ids, cols = lookup.input[1], value.local.shape[1]
+    picked = namer(f"{value.name}.picked")
+    nodes = [helper.make_node("Gather", [value.name, ids], [picked], axis=0)]
+    unpacked = _unpack_rows(picked, ids, bits, row_bytes, cols, nodes, consts)
+    idx = namer(f"{value.name}.picked_i32")
+    nodes.append(helper.make_node("Cast", [unpacked], [idx], to=TensorProto.INT32))
+    if not value.lines.trivial:
+        idx = _row_offsets(idx, ids, value, nodes, consts)
+    nodes.append(helper.make_node("Gather", [decode.input[0], idx], list(lookup.output), axis=0,
+                                  name=f"{decode.name}|rows"))
+    return nodes
+
+
+def _row_offsets(idx: str, ids: str, value: IndexValue, nodes: list, consts: Constants) -> str:
+    """idx + (ids // per + first) * k, one offset per gathered row."""
+    lines, namer = value.lines, consts.namer
+    if lines.axis is None:  # every row reads codebook row `first`
+        row = consts(np.array(0, np.int32), "offsets.zero")
+    else:
+        row = namer("d")
+        nodes.append(helper.make_node("Cast", [ids], [row], to=TensorProto.INT32))
+    if lines.axis is not None and lines.per > 1:
+        group = namer("d")
+        nodes.append(helper.make_node("Div", [row, consts(np.array(lines.per, np.int32), "group_size")], [group]))
+        row = group
+    steps = [("Add", np.array(lines.first, np.int32), "first_row"), ("Mul", np.array(value.info.k, np.int32), "k")]
+    for op, constant, name in steps:
+        out = namer("d")
+        nodes.append(helper.make_node(op, [row, consts(constant, name)], [out]))
+        row = out
+    column, out = namer("d"), namer("d")
+    nodes += [helper.make_node("Unsqueeze", [row, consts(np.array([-1], np.int64), "rows.axis")], [column]),
+              helper.make_node("Add", [idx, column], [out])]
+    return out
 
 
 def _unpack_rows(picked: str, ids: str, bits: int, row_bytes: int, cols: int, nodes: list, consts) -> str:
@@ -177,59 +280,6 @@ def _unpack_rows(picked: str, ids: str, bits: int, row_bytes: int, cols: int, no
     return v["cut"]
 
 
-# --- element lookups --------------------------------------------------------------------------------
+def _axis(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 0)
 
-def lookup_elements(proto: onnx.ModelProto) -> int:
-    """Every decode `Gather(table, index)` of a small flat codebook whose index has a shape known in the
-    file becomes GatherElements on the codebook expanded to `[K, d1, ..., dn]` (`[K]` for a 1-D index);
-    returns how many. Row lookups keep their Gather; so does a per-row codebook (K = rows x k: its
-    expanded table would be as large as the weight)."""
-    g = proto.graph
-    inits = {t.name: t for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consts = Constants(_graph.Namer(proto))
-    out, count = [], 0
-    for node in g.node:
-        shape = _index_shape(node, inits, producer)
-        if shape is None:
-            out.append(node)
-            continue
-        table, index = node.input
-        k = math.prod(inits[table].dims) if table in inits else math.prod(inits[producer[table].input[0]].dims)
-        if k * math.prod(shape[1:]) * 4 > math.prod(shape):
-            out.append(node)
-            continue
-        data = table
-        if len(shape) > 1:
-            column, data = consts.namer(f"{node.output[0]}.column"), consts.namer(f"{node.output[0]}.table")
-            out += [helper.make_node("Reshape", [table, consts(np.array([k] + [1] * (len(shape) - 1), np.int64),
-                                                                "table.column")], [column]),
-                    helper.make_node("Expand", [column, consts(np.array([k, *shape[1:]], np.int64), "table.shape")],
-                                     [data])]
-        out.append(helper.make_node("GatherElements", [data, index], list(node.output), axis=0, name=node.name))
-        count += 1
-    del g.node[:]
-    g.node.extend(out)
-    g.initializer.extend(consts.initializers)
-    return count
-
-
-def _index_shape(node, inits: dict, producer: dict) -> list[int] | None:
-    """The static shape of a whole-weight decode's index (a cast stored index, or a reshape of one to a
-    constant shape), None for anything else (row lookups, layout ops left on the index)."""
-    if not node.name.startswith(DECODE_NODE) or node.op_type != "Gather" or node.name.endswith("|rows"):
-        return None
-    table = node.input[0]
-    if table not in inits and (table not in producer or producer[table].input[0] not in inits):
-        return None  # a concatenation of codebooks
-    source = producer.get(node.input[1])
-    if source is not None and source.op_type == "Add" and source.input[1] in inits:
-        source = producer.get(source.input[0])  # a constant base
-    if source is None or not source.name.startswith(INDEX_NODE):
-        return None
-    if source.op_type == "Cast" and source.input[0] in inits and inits[source.input[0]].dims:
-        return [int(d) for d in inits[source.input[0]].dims]
-    if source.op_type == "Reshape" and source.input[1] in inits:
-        shape = numpy_helper.to_array(inits[source.input[1]]).tolist()
-        return shape if all(d > 0 for d in shape) else None
-    return None

@@ -71,7 +71,7 @@ def test_recurrent_gate_reordering_runs_on_the_indices(tmp_path, cell, granulari
         index = storage.of(f"{name}.index")
         assert (index.storage, index.bits, index.bytes) == ("index", 4.0, math.ceil(cb.numel / 2))
         rows, cols = cb.shape[0], math.prod(cb.shape[1:])  # a looked-up embedding: uint8 rows of packed indices
-        row_lookup = granularity == "tensor" and name == "emb.weight"
+        row_lookup = name == "emb.weight"
         assert index.dtype == ("uint8" if row_lookup else "uint4")
         assert math.prod(index.shape) == (rows * cols // 2 if row_lookup else cb.numel)
     if granularity == "tensor":  # the gates were reordered in the stored indices: no reordering runs on them

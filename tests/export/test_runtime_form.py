@@ -51,11 +51,16 @@ def decoders(proto: onnx.ModelProto) -> dict[str, str]:
     return {n.name: n.op_type for n in proto.graph.node if n.name.startswith(DECODE_NODE)}
 
 
-@pytest.mark.parametrize(("bits", "dim"), [(4, 24), (4, 25), (8, 24)], ids=["4bit", "4bit-odd-row", "8bit"])
-def test_an_embedding_is_decoded_only_at_the_rows_its_ids_read(tmp_path, bits, dim):
+CASES = [(4, 24, "tensor", None), (4, 25, "tensor", None), (8, 24, "tensor", None), (4, 24, "channel", None),
+         (4, 24, "group", 8)]
+
+
+@pytest.mark.parametrize(("bits", "dim", "granularity", "group_size"), CASES,
+                         ids=["4bit", "4bit-odd-row", "8bit", "4bit-channel", "4bit-group"])
+def test_an_embedding_is_decoded_only_at_the_rows_its_ids_read(tmp_path, bits, dim, granularity, group_size):
     torch.manual_seed(0)
     model = Tagger(dim=dim).eval()
-    cbs = quantize_(model, bits)
+    cbs = quantize_(model, bits, granularity, group_size)
     ids = torch.randint(0, 50, (3, 7))
     report = export_onnx(model, cbs, tmp_path / "m.onnx", ids)
     proto = onnx.load(str(tmp_path / "m.onnx"))
