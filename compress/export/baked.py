@@ -8,7 +8,7 @@ model's resident memory), and a session that keeps the weights compressed runs t
 inference. Applied to the stored indices instead, they cost nothing: the indices are stored in the
 layout the graph reads, in the same type and the same bytes.
 
-`index_values` evaluates, for every stored index, the chain of ops from it to the first value that
+`index_values` evaluates (onnx's reference evaluator), for every stored index, the chain of ops from it to the first value that
 mixes it with anything else (its decode, or a Concat with another tensor's index), and splits the
 result into each element's *local* index (< k, what is stored) and the codebook row each *line*
 reads (`Lines`: per-row codebooks vary along one axis, which a Transpose may have moved). A chain
@@ -216,18 +216,15 @@ def _chain(value: str, order: list, inits: dict, producer: dict) -> tuple[list, 
 
 
 def _evaluate(proto: onnx.ModelProto, nodes: list, initializers: list, value: str) -> np.ndarray:
-    """Run the chain in onnxruntime (every op and index type it may hold, sub-byte ones included)."""
-    import onnxruntime as ort
+    """Run the chain with onnx's reference evaluator (numpy: every standard op and index type, sub-byte
+    ones included; no onnxruntime session, whose start-up may log)."""
+    from onnx.reference import ReferenceEvaluator
 
     graph = helper.make_graph(nodes, "index", [], [helper.make_tensor_value_info(value, TensorProto.INT32, None)],
                               initializers)
     opsets = [o for o in proto.opset_import if o.domain in ("", "ai.onnx")]
     model = helper.make_model(graph, opset_imports=opsets, ir_version=proto.ir_version)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {})[0]
+    return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
 
 
 def _lines(value: np.ndarray, k: int) -> Lines | None:
