@@ -131,3 +131,11 @@ def build_minilm(out_dir: Path, bits: int = 4, batch: int = 8) -> Built:
     b.notes.append(f"MiniLM input: {batch} sentences, {tokens['input_ids'].shape[1]} tokens (the export fixes the "
                    "sequence length; dimension 0 is dynamic)")
     return b
+
+
+def build_family(name: str, out_dir: Path, bits: int = 4, batch: int = 8) -> Built:
+    """A model of the family zoo (`tests/families/zoo.py`: seeded, random weights) and its seeded inputs."""
+    from tests.families.zoo import FAMILIES
+
+    model, inputs = FAMILIES[name](batch=batch)
+    return build(name, model, tuple(inputs), out_dir, bits)

@@ -228,8 +228,8 @@ def section_end_to_end(repeat: int, budget: float) -> tuple[dict, C.Table | None
 
     import torch
 
-    plan_mod, why = C.toolkit("plan", "analyze", "TieConfig")
-    merge_mod, why2 = C.toolkit("merge", "merge_")
+    plan_mod, why = C.toolkit("tying", "analyze", "TieConfig")
+    merge_mod, why2 = C.toolkit("tying", "merge_")
     if plan_mod is None or merge_mod is None:
         return {}, None, why or why2
     pal = C.import_coremltools()

@@ -2,9 +2,12 @@
 
 For the four digits samples and MiniLM (sentence embedder): the fp32 ONNX (same dynamo export
 settings as the toolkit's), fp32 safetensors (`safetensors.torch.save_model`), the toolkit's ONNX and
-safetensors at `TieConfig(bits=4)` (see `_artifacts.py`), the bound the exporters report (indices at
-ceil(n * bits / 8) bytes + codebooks + every dense tensor once + the graph), and what gzip (level 6)
-and zstd (level 19, when the `zstandard` module is importable) make of each file.
+safetensors at `TieConfig(bits=4)` (see `_artifacts.py`), the toolkit's ORT-format file
+(`compress.export.ort.export_ort`) beside what onnxruntime's own converter makes of the same ONNX with
+its defaults (`python -m onnxruntime.tools.convert_onnx_models_to_ort`, which folds the decode into
+dense weights), the bound the exporters report (indices at ceil(n * bits / 8) bytes + codebooks +
+every dense tensor once + the graph), and what gzip (level 6) and zstd (level 19, when the
+`zstandard` module is importable) make of each file.
 
     python bench/storage.py          # ~2 min on 2 cores
     python bench/storage.py --quick  # the digits samples only
@@ -13,6 +16,8 @@ and zstd (level 19, when the `zstandard` module is importable) make of each file
 from __future__ import annotations
 
 import gzip
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,9 +43,21 @@ def sizes(path: Path, zstd) -> dict:
             "zstd": None if zstd is None else len(zstd.compress(data))}
 
 
+def ort_files(onnx_path: Path, folder: Path) -> dict[str, Path]:
+    """The toolkit's `.ort` of `onnx_path`, and onnxruntime's converter's with its default settings."""
+    from compress.export.ort import export_ort
+
+    ours = folder / f"{onnx_path.stem}.compress.ort"
+    export_ort(onnx_path, ours, force=True)
+    default_dir = folder / "ort-default"
+    subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(onnx_path),
+                    "--output_dir", str(default_dir)], check=True, capture_output=True)
+    return {"ours ort": ours, "converter ort": next(default_dir.glob("*.ort"))}
+
+
 def measure(b, zstd) -> dict:
     files = {"fp32 onnx": b.fp32_onnx, "fp32 safetensors": b.fp32_safetensors, "ours onnx": b.onnx,
-             "ours safetensors": b.safetensors}
+             "ours safetensors": b.safetensors, **ort_files(b.onnx, b.onnx.parent)}
     out = {k: sizes(p, zstd) for k, p in files.items()}
     # the bound, computed here from the codebooks and the model (not from the exporters' own accounting)
     out["bound"] = b.packed_bytes + b.dense_bytes
@@ -56,14 +73,16 @@ def measure(b, zstd) -> dict:
 def tables(results: dict, zstd_ok: bool) -> list[C.Table]:
     main = C.Table("storage", "Bytes on disk at 4 bits per clustered weight (TieConfig(bits=4)): files, ratios, bound",
                    ["model", "clustered", "fp32 ONNX", "ours ONNX", "fp32/ours", "fp32 safetensors",
-                    "ours safetensors", "fp32/ours", "bound", "ONNX/bound", "safetensors/bound", "ONNX nodes"])
+                    "ours safetensors", "fp32/ours", "ours .ort", "converter .ort", "bound", "ONNX/bound",
+                    "safetensors/bound", "ONNX nodes"])
     for name, r in results.items():
         c = r["clustered"]
         main.add(name, f"{c['numel'] / c['of_total']:.1%} of {c['of_total']:,}",
                  C.fmt_bytes(r["fp32 onnx"]["bytes"]), C.fmt_bytes(r["ours onnx"]["bytes"]),
                  f"{r['fp32 onnx']['bytes'] / r['ours onnx']['bytes']:.2f}x",
                  C.fmt_bytes(r["fp32 safetensors"]["bytes"]), C.fmt_bytes(r["ours safetensors"]["bytes"]),
-                 f"{r['fp32 safetensors']['bytes'] / r['ours safetensors']['bytes']:.2f}x", C.fmt_bytes(r["bound"]),
+                 f"{r['fp32 safetensors']['bytes'] / r['ours safetensors']['bytes']:.2f}x",
+                 C.fmt_bytes(r["ours ort"]["bytes"]), C.fmt_bytes(r["converter ort"]["bytes"]), C.fmt_bytes(r["bound"]),
                  f"{r['ours onnx']['bytes'] / r['bound']:.3f}", f"{r['ours safetensors']['bytes'] / r['bound']:.3f}",
                  r["onnx nodes"])
     main.notes = [("'clustered': share of the parameters that got a codebook (the rest stay fp32: biases, norms, "
@@ -71,7 +90,9 @@ def tables(results: dict, zstd_ok: bool) -> list[C.Table]:
                   "codebook, plus every other tensor of the model once, computed from the codebooks and the model "
                   "(not from the exporters' reports); a file's excess over it is its graph or header and any padding "
                   "(small models with many nodes, like the unrolled GRU, pay most). An ONNX file can come in under the bound when the graph "
-                  "drops a tensor the output does not use: MiniLM's pooler.")]
+                  "drops a tensor the output does not use: MiniLM's pooler. '.ort': onnxruntime's ORT format; 'ours' "
+                  "converts with constant folding off and 4-/2-bit indices as packed uint8 (the format has no 4-bit "
+                  "type), 'converter' is onnxruntime's tool with its defaults, which folds the decode into dense weights.")]
     comp = C.Table("storage_compressed", f"The same files through gzip -{GZIP_LEVEL}"
                    + (f" and zstd -{ZSTD_LEVEL}" if zstd_ok else ""),
                    ["model", "fp32 ONNX gz", "ours ONNX gz", "fp32 gz / ours gz", "ours ONNX gz / ours ONNX",

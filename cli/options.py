@@ -13,7 +13,7 @@ import click
 from compress.granularity import KINDS
 from compress.tying import PRIORS, FinetuneConfig
 
-FLAGS = {"path": "PATH", "data": "--data", "out_dir": "--out-dir", "config": "--config",
+FLAGS = {"path": "PATH", "data": "--data", "onnx": "--onnx", "safetensors": "--safetensors", "ort": "--ort", "out_dir": "--out-dir", "config": "--config",
          "reference": "--reference", "original": "--original"}
 
 
@@ -117,6 +117,9 @@ onnx_out = click.option("--onnx", "onnx_path", type=_path(dir_okay=False), defau
                         help="Write an ONNX model: codebooks + narrow indices decoded in-graph (Cast -> Gather).")
 safetensors_out = click.option("--safetensors", "st_path", type=_path(dir_okay=False), default=None,
                                help="Write a safetensors file: codebooks + packed indices, the recipe in its metadata.")
+ort_out = click.option("--ort", "ort_path", type=_path(dir_okay=False), default=None,
+                       help="Write an ORT-format model (onnxruntime's mobile format) that keeps the codebooks: "
+                            "converted with constant folding off; 4- and 2-bit indices stored as packed uint8.")
 codebook_dtype = click.option("--codebook-dtype", type=click.Choice(["float32", "float16"]), default="float32",
                               show_default=True,
                               help="Codebook precision in the ONNX file (float16 adds a Cast and rounds the values).")

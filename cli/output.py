@@ -102,10 +102,11 @@ def print_export(out, report) -> None:
     out.print(report.to_table())
     lost = {loss.text(Path(report.path).name) for loss in report.losses()}
     for note in report.notes:
-        out.print(f"{'warning' if note in lost else 'note'}: {with_flags(note)}")
+        out.print(f"{'warning' if note in lost else 'note'}: {with_flags(note)}", soft_wrap=True)
     which = "the independent bound" if report.independent_bound is not None else "the bound"
-    out.print(f"wrote {', '.join(report.files)}: {report.file_bytes:,} bytes ({report.ratio_to_dense:.3f}x dense, "
-              f"{report.vs_bound:.3f}x {which})")
+    ratios = (f" ({report.ratio_to_dense:.3f}x dense, {report.vs_bound:.3f}x {which})"
+              if report.dense_reference_bytes else "")
+    out.print(f"wrote {', '.join(report.files)}: {report.file_bytes:,} bytes{ratios}", soft_wrap=True)
 
 
 def print_verification(out, v, *, header: bool = True) -> None:

@@ -49,8 +49,11 @@ def cleanup_pending() -> None:
 @contextlib.contextmanager
 def staging_dir(parent: Path | str) -> Iterator[Path]:
     """A temporary folder inside `parent` (created when needed), removed on exit whatever happens."""
-    Path(parent).mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent))
+    try:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent))
+    except OSError as e:
+        raise write_error(parent, e) from e
     _PENDING.add(path)
     try:
         yield path

@@ -1,16 +1,20 @@
 """onnxruntime sessions for codebook models, in the default or the memory-saving mode.
 
-By default onnxruntime constant-folds `Cast -> Gather` when the session loads: the file is small but
-the weights are dense in memory, and inference runs at dense speed. `keep_compressed=True` turns
-constant folding off, so only codebooks and indices stay resident and each run decodes the weights
-it needs. It also turns off the CPU memory arena and memory patterns: with them on, the arena keeps
-every run's decoded weights and memory ends up *higher* than the default mode. Measured on a
-4096x4096 4-bit linear layer (ORT 1.32 CPU): default +82 MB resident, 18 ms per run;
-keep_compressed +19 MB resident (+147 MB peak while a run decodes), 300 ms per run; constant
-folding off with the arena on: +282 MB. On glibc, decoded tensors under 32 MB go back to the heap,
-not the OS (malloc's adaptive mmap threshold), so for mid-sized models keep_compressed only saves
-memory with `MALLOC_MMAP_THRESHOLD_=131072` in the environment (1024x1024 4-bit: 62 MB resident
-without it, 11 MB with it, vs 14 MB default). `verify` measures both modes.
+Default mode (a plain `onnxruntime.InferenceSession`, any options): onnxruntime constant-folds each
+decode when the session loads, so the weights are dense in memory and inference runs at dense
+speed. The exported graph is shaped so that this costs no more memory than the fp32 model: layout
+ops (transposes) are applied to the indices, and an embedding table read by a Gather is never
+decoded whole (its rows are gathered from the indices at run time).
+
+`keep_compressed=True` keeps the weights as codebook + indices in memory and decodes them at every
+run: constant folding off, and onnxruntime's memory pattern off (with it on, every run allocates one
+block planned for the whole run, decoded weights included: MiniLM resident 59 MB at batch 8 against
+42 MB without). The arena keeps the buffers of the largest decode between runs, so a model with
+one very large layer keeps that layer's decoded size resident; `compressed_run_options()` returns
+those buffers after every run at the cost of faulting the pages in again (a 4096x4096 layer:
+resident 150 MB -> 22 MB, 18 ms -> 60 ms per run). Every run pays the decode: about 1 ns per weight
+on these CPUs, so the mode suits large batches better than batch-1 latency; see BENCHMARKS.md
+("Runtime") for the measured ratios. `verify` measures both modes.
 
 Example::
 
@@ -33,9 +37,10 @@ from .errors import BadInputError, CompressError
 from .records import Record
 from .sandbox import RunBudget, run_limited
 
-# Constant folding is what expands Cast -> Gather into dense weights at load; the other optimizers stay on
+# Constant folding is what expands the decode into dense weights at load; the other optimizers stay on
 # (turning them all off, ORT_DISABLE_ALL, measured the same memory and latency).
 _CONFIG = {"optimization.disable_specified_optimizers": "ConstantFolding"}
+_SHRINK = "memory.enable_memory_arena_shrinkage"  # a run option: the arena returns what the run freed
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _PACKAGE_FOR = {"CUDAExecutionProvider": "onnxruntime-gpu (pip install 'compress[gpu]') and a CUDA GPU",
                 "TensorrtExecutionProvider": "onnxruntime-gpu with TensorRT",
@@ -65,9 +70,23 @@ def session_options(keep_compressed: bool = False):
     if keep_compressed:
         for key, value in _CONFIG.items():
             opts.add_session_config_entry(key, value)
-        opts.enable_cpu_mem_arena = False
         opts.enable_mem_pattern = False
     return opts
+
+
+def compressed_run_options(provider: str = "cpu"):
+    """RunOptions that return the arenas' free memory after the run (`arena_devices`): for a
+    keep-compressed session of a model with one very large layer (see the module docstring)."""
+    import onnxruntime as ort
+
+    opts = ort.RunOptions()
+    opts.add_run_config_entry(_SHRINK, arena_devices(provider))
+    return opts
+
+
+def arena_devices(provider: str) -> str:
+    """The arenas to shrink after a run: the CPU's, and the GPU's under the CUDA provider."""
+    return "cpu:0;gpu:0" if PROVIDER_ALIASES.get(provider.lower(), provider) == "CUDAExecutionProvider" else "cpu:0"
 
 
 def make_session(path: str | Path, provider: str = "cpu", keep_compressed: bool = False):
@@ -89,6 +108,7 @@ def make_session(path: str | Path, provider: str = "cpu", keep_compressed: bool 
     path = Path(path)
     name = resolve_provider(provider)
     read_onnx(path, load_data=False)
+    release_freed_memory()  # the check parsed the protobuf in Python: give those pages back
     try:
         session = ort.InferenceSession(str(path), session_options(keep_compressed), providers=[name])
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
@@ -97,7 +117,27 @@ def make_session(path: str | Path, provider: str = "cpu", keep_compressed: bool 
     if session.get_providers()[0] != name:
         raise CompressError(f"{path}: onnxruntime fell back to {session.get_providers()[0]} instead of {name}; "
                             f"check the {name} installation")
+    release_freed_memory()  # what onnxruntime freed while it loaded (constant folding's intermediates)
     return session
+
+
+def release_freed_memory() -> None:
+    """Return freed heap pages to the system (glibc's `malloc_trim`; a no-op elsewhere).
+
+    glibc keeps freed blocks under its mmap threshold in the heap, so memory freed while a model was
+    parsed or folded would otherwise stay resident for the life of the process.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        return
+    if trim is not None:
+        trim(0)
 
 
 def feed(session, inputs) -> dict[str, np.ndarray]:
@@ -192,18 +232,28 @@ def memory_mb(field):
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+def release_freed_memory():  # as compress.runtime.make_session does
+    import ctypes, ctypes.util
+    name = ctypes.util.find_library("c")
+    try:
+        trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        trim = None
+    if trim is not None:
+        trim(0)
+
 job = json.loads(sys.stdin.read())
 inputs = [np.load(f) for f in job["inputs"]]
 base = memory_mb("VmRSS")
 opts = ort.SessionOptions()
 opts.log_severity_level = 3
-if job["keep_compressed"]:
+if job["keep_compressed"]:  # as compress.runtime.session_options does
     for key, value in job["config"].items():
         opts.add_session_config_entry(key, value)
-    opts.enable_cpu_mem_arena = False
     opts.enable_mem_pattern = False
 start = time.perf_counter()
 session = ort.InferenceSession(job["path"], opts, providers=[job["provider"]])
+release_freed_memory()
 load = time.perf_counter() - start
 if session.get_providers()[0] != job["provider"]:
     sys.exit("session fell back to " + session.get_providers()[0])

@@ -43,7 +43,10 @@ _TYPE_NAMES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: 
                25: "uint2", 26: "int2"}
 _BITS = {1: 32, 10: 16, 11: 64, 16: 16, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 12: 32, 13: 64, 21: 4, 22: 4, 25: 2, 26: 2}
 _NARROW = {2, 3, 4, 5, 21, 22, 25, 26}  # integer types an index is stored in (int32/int64 only when large)
-_TABLE_OPS = {"Cast", "Concat", "Reshape", "Identity", "Flatten", "Squeeze", "Unsqueeze", "CastLike"}
+# ops a codebook may pass through on its way to a lookup -> the inputs that carry it (None: all)
+_TABLE_OPS = {"Cast": (0,), "Concat": None, "Reshape": (0,), "Identity": (0,), "Flatten": (0,), "Squeeze": (0,),
+              "Unsqueeze": (0,), "CastLike": (0,), "Expand": (0,), "Gather": (0,), "Transpose": (0,), "Slice": (0,)}
+_LOOKUPS = ("Gather", "GatherElements")
 _CONSTANT_MIN = 1024  # an int32/int64 initializer this large feeding a decode is an index, not a constant
 
 
@@ -120,7 +123,7 @@ def audit_onnx(model) -> OnnxStorage:
     out = OnnxStorage()
     roles: dict[str, str] = {}
     decodes: dict[str, list[str]] = {}
-    gathers = [n for n in _all_nodes(g) if n.op_type == "Gather" and len(n.input) >= 2]
+    gathers = [n for n in _all_nodes(g) if n.op_type in _LOOKUPS and len(n.input) >= 2]
     elements = _element_counts(model, [n.output[0] for n in gathers])
     for node in gathers:
         found = _decode(node, inits, producer)
@@ -133,7 +136,8 @@ def audit_onnx(model) -> OnnxStorage:
             roles[name] = "index"
         for name in tables + indices:
             decodes.setdefault(name, []).append(node.output[0])
-        out.decoded.append(_decoded(node.output[0], tables, indices, inits, elements))
+        rows = _row_bits(node.input[1], inits, producer)
+        out.decoded.append(_decoded(node.output[0], tables, indices, inits, {} if rows else elements, rows))
     bits = {name: d.bits for d in out.decoded for name in d.indices}
     for t in g.initializer:
         size = _data_size(t)
@@ -160,10 +164,12 @@ def _is_index(t) -> bool:
     return t.data_type in _NARROW or math.prod(t.dims) >= _CONSTANT_MIN
 
 
-def _sources(value: str, inits: dict, producer: dict, ops: set[str] | None) -> list[str] | None:
+def _sources(value: str, inits: dict, producer: dict, ops: dict | None) -> list[str] | None:
     """The initializers `value` is computed from, when nothing else (no graph input) reaches it and every
-    op on the way is in `ops` (None: any op without a subgraph); else None."""
-    found, seen, stack = [], set(), [value]
+    op on the way is in `ops` (op -> the inputs that carry the data; None: any op without a subgraph);
+    else None. The shape a value has (Shape, Size) carries no stored data; rows gathered at run time
+    (a row lookup of an embedding's indices: Gather(indices, token ids)) carry their table's."""
+    found, seen, stack, runtime, rows = [], set(), [value], False, False
     while stack:
         name = stack.pop()
         if not name or name in seen:
@@ -174,18 +180,49 @@ def _sources(value: str, inits: dict, producer: dict, ops: set[str] | None) -> l
             continue
         node = producer.get(name)
         if node is None:
-            return None  # a graph input, or a value from an outer scope
-        if node.op_type == "Constant":
+            runtime = True  # a graph input, or a value from an outer scope
+            continue
+        if node.op_type in ("Constant", "Shape", "Size"):
             continue
         if (ops is not None and node.op_type not in ops) or any(a.type in (5, 10) for a in node.attribute):
             return None  # 5, 10: GRAPH, GRAPHS attributes (If/Loop/Scan)
+        rows = rows or (ops is None and node.op_type == "Gather")
+        slots = ops.get(node.op_type) if ops is not None else ((0,) if node.op_type == "Gather" else None)
+        stack.extend(n for i, n in enumerate(node.input) if slots is None or i in slots)
+    # run-time values may only choose rows (token ids: the rows gathered and their codebook offsets)
+    return sorted(found) if found and (rows or not runtime) else None
+
+
+def _row_bits(index: str, inits: dict, producer: dict) -> int | None:
+    """Bits per index when `index` is a row lookup: rows of stored indices gathered at run-time ids (an
+    embedding decoded only where it is read), unpacked with a BitwiseAnd mask (its width: the bits) or
+    read as whole bytes (8); None when it is not one. Its decoded value's size is the ids', not the table's."""
+    from onnx import numpy_helper
+
+    mask, rows, stack, seen = None, False, [index], set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name in inits or name not in producer:
+            continue
+        seen.add(name)
+        node = producer[name]
+        if node.op_type in ("Shape", "Size", "Constant"):
+            continue
+        if node.op_type == "Gather":
+            rows = rows or _sources(node.input[1], inits, producer, None) is None
+            stack.append(node.input[0])
+            continue
+        if node.op_type == "BitwiseAnd":
+            masks = [inits[i] for i in node.input if i in inits and math.prod(inits[i].dims) == 1]
+            mask = int(numpy_helper.to_array(masks[0])) if masks else mask
         stack.extend(node.input)
-    return sorted(found) if found else None
+    return (mask.bit_length() if mask else 8) if rows else None
 
 
-def _decoded(value: str, tables: list[str], indices: list[str], inits: dict, elements: dict) -> DecodedWeight:
+def _decoded(value: str, tables: list[str], indices: list[str], inits: dict, elements: dict,
+             row_bits: int | None = None) -> DecodedWeight:
     index_bytes = sum(_data_size(inits[i]) for i in indices)
-    n = elements.get(value)
+    n = elements.get(value) if row_bits is None else index_bytes * 8 // row_bits
     if n is None and len(indices) == 1 and inits[indices[0]].data_type in _NARROW and len(inits[indices[0]].dims) > 1:
         n = math.prod(inits[indices[0]].dims)
     k = sum(math.prod(inits[t].dims) for t in tables)

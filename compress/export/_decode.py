@@ -35,6 +35,8 @@ MIN_OPSET = {TensorProto.UINT2: 25, TensorProto.UINT4: 21}
 _ONNX_FLOAT = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
                torch.float64: TensorProto.DOUBLE, torch.bfloat16: TensorProto.BFLOAT16}
 CODEBOOK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+DECODE_NODE = "compress.decode"  # the name (prefix) of every node that looks a codebook up
+INDEX_NODE = "compress.index"  # ... and of every node that turns stored indices into a flat int32 index
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,13 @@ class Decoder:
 
     def index(self, nodes: list, consts: Constants, namer, base: int = 0) -> str:
         """The flat int32 index (shape: the weight's) into the flat codebook, `base` added to every entry."""
+        start = len(nodes)
+        idx = self._index(nodes, consts, namer, base)
+        for node in nodes[start:]:  # named, so that later passes tell them from layout ops on the index
+            node.name = f"{INDEX_NODE}:{node.output[0]}"
+        return idx
+
+    def _index(self, nodes: list, consts: Constants, namer, base: int) -> str:
         cb = self.cb
         if self.layout.packed:
             flat = _unpack_nodes(self.index_name, self.layout.bits, cb.numel, nodes, consts, namer)
@@ -178,7 +187,8 @@ class Decoder:
 
     @staticmethod
     def gather(table: str, index: str, out: str) -> onnx.NodeProto:
-        return helper.make_node("Gather", [table, index], [out], axis=0)
+        """The lookup, named `DECODE_NODE:<out>` so later passes (`runtime_form`) know it for a decode."""
+        return helper.make_node("Gather", [table, index], [out], axis=0, name=f"{DECODE_NODE}:{out}")
 
 
 def decode_graph(cb: TensorCodebook, layout: IndexLayout, out: str, namer, consts: Constants,

@@ -40,9 +40,11 @@ from ._decode import (
     packed_overhead,
 )
 from .affine import fold_batchnorm
+from .baked import StoredIndex
 from .layout import replace_placeholders
 from .locate import FLOAT_TYPES, dense_tie_targets, locate_by_value
 from .report import ExportReport, TensorEntry
+from .runtime_form import runtime_form
 from .trace import DOMAIN, is_placeholder, placeholder, placeholder_tensor, trace_onnx
 
 EXTERNAL_THRESHOLD = 1_800_000_000  # protobuf cannot hold 2 GiB: larger models use external data
@@ -169,6 +171,8 @@ class _Job:
             for tensor in placement.gathered[value]:
                 self.moved.setdefault(tensor, []).append("BatchNorm folded into a per-channel scale after the decode")
         g.initializer.extend(consts.initializers)
+        self.notes += runtime_form(self.proto, {d.index_name: StoredIndex(d.cb.k, d.cb.numel, d.layout)
+                                                for d in decoders.values() if d.elementwise})
         opsets = [o for o in self.proto.opset_import if o.domain != DOMAIN]
         del self.proto.opset_import[:]
         self.proto.opset_import.extend(opsets)

@@ -7,6 +7,7 @@
 """
 
 from .checkpoint import StreamResult, StreamTensor, audit_checkpoint, output_dir_for, tie_checkpoint
+from .export_file import export_file
 from .exports import ExportOptions
 from .onnx import OnnxTieResult, tie_onnx
 from .report import TieReport
@@ -22,6 +23,7 @@ __all__ = [
     "TieReport",
     "TieResult",
     "audit_checkpoint",
+    "export_file",
     "output_dir_for",
     "output_paths",
     "route",

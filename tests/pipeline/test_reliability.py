@@ -465,7 +465,7 @@ def test_exit_2_for_bad_input_and_bad_usage(files):
     assert bad.stderr == "error: command line: bits must be between 1 and 8, got 9\n"
     assert _cli("tie").exit_code == 2  # click's usage error: a missing MODEL
     nothing = _cli("export", files.merged)
-    assert nothing.stderr == "error: nothing to write: give --onnx OUT and/or --safetensors OUT\n"
+    assert nothing.stderr == "error: nothing to write: give --onnx, --safetensors or --ort\n"
 
 
 def test_exit_130_when_interrupted(files, tmp_path, monkeypatch):
