@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..codebook import TensorCodebook
 from ..packing import pack_bits, packed_size
+from . import _vector
 
 _NATIVE = ((2, TensorProto.UINT2, "UINT2"), (4, TensorProto.UINT4, "UINT4"), (8, TensorProto.UINT8, "UINT8"),
            (16, TensorProto.UINT16, "UINT16"), (32, TensorProto.INT32, "INT32"))
@@ -110,7 +111,10 @@ def decode_graph(cb: TensorCodebook, layout: IndexLayout, out: str, namer, const
     """Build the initializers and nodes that produce `out` (cb's dense value) from cb's codebook + indices.
 
     Small constants go to `consts`; `Decoded.initializers` holds only the codebook and the indices.
+    Vector codebooks and outliers are built by `_vector` (on top of this scalar decode).
     """
+    if cb.dim > 1 or cb.outlier_count:
+        return _vector.decode_graph(cb, layout, out, namer, consts, stored_dtype, out_dtype, scalar=decode_graph)
     base = cb.name
     cb_name, idx_name = namer(f"{base}.codebook"), namer(f"{base}.index")
     codebook = cb.codebook.detach().to(stored_dtype).reshape(-1)

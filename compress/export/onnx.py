@@ -122,8 +122,8 @@ def _check_codebooks(codebooks: Codebooks) -> None:
     for name, cb in codebooks.tensors.items():
         if cb.codebook.dtype not in (torch.float32, torch.float16, torch.float64, torch.bfloat16):
             raise BadInputError(f"`{name}`: codebook dtype {cb.codebook.dtype} is not a float type")
-        if tuple(cb.indices.shape) != tuple(cb.shape):
-            raise BadInputError(f"`{name}`: indices have shape {tuple(cb.indices.shape)}, expected {cb.shape}")
+        if tuple(cb.indices.shape) != cb.index_shape:
+            raise BadInputError(f"`{name}`: indices have shape {tuple(cb.indices.shape)}, expected {cb.index_shape}")
         if cb.indices.numel() and (int(cb.indices.min()) < 0 or int(cb.indices.max()) >= cb.k):
             raise BadInputError(f"`{name}`: indices must lie in 0..{cb.k - 1} for a codebook of {cb.k} values")
 
@@ -306,7 +306,7 @@ class _Job:
         layout = self.layouts[name]
         stored = self.stored or cb.codebook.dtype
         cb_bytes = cb.codebook.numel() * torch.tensor([], dtype=stored).element_size()
-        bound = packed_size(cb.numel, cb.bits) + cb_bytes
+        bound = packed_size(cb.index_count, cb.bits) + cb_bytes + cb.outlier_bytes
         common = {"shape": list(cb.shape), "k": cb.k, "bits": cb.bits, "granularity": cb.granularity}
         if not names:
             note = ("not found in the exported graph as a constant (the exporter may have folded it into "

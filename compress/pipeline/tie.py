@@ -45,6 +45,7 @@ from ..tying import (
     merge_,
 )
 from ..verify import verify, verify_safetensors
+from .assign import assign_and_refine, takes_quality_path
 from .measure import quality, stored_bytes
 from .report import Outputs, TieReport, build_report
 from .serialize import serialize
@@ -141,6 +142,8 @@ def tie(loaded, cfg: TieConfig | None = None, *, data=None, finetune: FinetuneCo
     report = build_report(loaded, run.data_path, run.cfg, ft, plan, codebooks, originals, before,
                           stored_bytes(run.model), quality(run.reference, run.model, data, run.examples), ft_result,
                           outputs, time.perf_counter() - started)
+    if run.quality is not None:  # the error-compensated / vector / outlier / budget path (pipeline.assign)
+        report.quality_path, report.notes = run.quality, [*run.quality.notes, *report.notes]
     exports, checks = _write(run, payload, plan, codebooks, report)
     return TieResult(run.model, plan, codebooks, report, *run.paths, run.examples, ft_result, exports, checks)
 
@@ -161,6 +164,7 @@ class _Run:
     examples: tuple | None
     paths: tuple[Path, Path, Path]
     export_paths: list[Path]
+    quality: object = None  # pipeline.assign.QualityRun when that path ran
 
     @classmethod
     def prepare(cls, loaded, cfg: TieConfig, data, data_path, export: ExportOptions, out_dir: Path,
@@ -196,6 +200,9 @@ def _tie_model(run: _Run, ft: FinetuneConfig | None):
     plan = analyze(run.model, run.cfg, importance=importance, program=getattr(run.loaded, "program", None))
     before = stored_bytes(run.model)
     originals = {t.name: current_weight(run.model, t.name).detach().clone() for t in plan.clustered()}
+    if takes_quality_path(run.cfg, run.data, run.examples, run.reference):
+        codebooks, run.quality = assign_and_refine(run.model, plan, run.cfg, run.data, run.examples, run.reference, ft)
+        return plan, codebooks, None, originals, before
     if ft is None:
         return plan, merge_(run.model, plan), None, originals, before
     result = finetune_(run.model, plan, run.data, ft, original=run.reference)

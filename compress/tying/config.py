@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -19,6 +19,8 @@ from ..records import Record, decode, read_json
 CONFIG_VERSION = 1
 MAX_BITS = 8
 MAX_K = 1 << MAX_BITS
+METHODS = ("auto", "nearest", "compensated")
+DIMS = (1, 2, 4)
 _OVERRIDE_TYPES = {"bits": int | None, "tolerance": float | None, "granularity": str, "group_size": int | None,
                    "enabled": bool}
 
@@ -40,6 +42,16 @@ class TieConfig(Record):
         tie_tensors: make equal or transposed copies of a tensor one parameter.
         tie_tolerance: relative error under which two tensors count as copies (0: exact only).
         by_type / by_name: overrides `{pattern: {"bits"|"tolerance"|"granularity"|"group_size"|"enabled": v}}`.
+        method: how weights are assigned to the shared values: "nearest" (each to its nearest value),
+            "compensated" (error-compensated, second order: each assignment's output error is passed on
+            to the weights not yet assigned, from calibration inputs observed layer by layer), or
+            "auto": compensated when calibration inputs exist, else nearest.
+        dim: 1, or 2 / 4 for vector codebooks: K = 2**(bits * dim) shared runs of `dim` consecutive
+            weights (along the last axis), one index of bits * dim bits per run.
+        outliers: fraction of each tied tensor's weights (0.005 is 0.5%) kept exactly, in a sparse
+            side tensor (int32 position + value each), counted in its bits per weight.
+        budget: average bits per tied weight (codebooks, indices and outliers counted) to spread over
+            the tensors by their measured sensitivity; `bits` is then only the starting point.
 
     >>> TieConfig.from_dict({"bits": 2, "by_name": {"fc3.*": {"bits": 8}}}).bits
     2
@@ -57,12 +69,23 @@ class TieConfig(Record):
     tie_tolerance: float = 0.0
     by_type: dict[str, dict] = field(default_factory=dict)
     by_name: dict[str, dict] = field(default_factory=dict)
+    method: str = "auto"
+    dim: int = 1
+    outliers: float = 0.0
+    budget: float | None = None
     version: int = CONFIG_VERSION
 
     _what = "config"
 
     def __post_init__(self) -> None:
         self._validate(vars(self), "config")
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        for key in ("method", "dim", "outliers", "budget"):  # defaults left out: configs read as they were
+            if d[key] == getattr(TieConfig, key):
+                del d[key]
+        return d
 
     @classmethod
     def _validate(cls, v: dict, where: str) -> None:
@@ -75,6 +98,7 @@ class TieConfig(Record):
             raise BadInputError(f"{where}: set bits (1..{MAX_BITS}) or tolerance; both are null")
         if full["granularity"] == "group" and full["group_size"] is None:
             raise BadInputError(f"{where}: granularity 'group' needs a group size (", Option("group_size"), ")")
+        _check_quality_settings(full, where)
         if full["min_elements"] < 0:
             raise BadInputError(f"{where}: min_elements must be >= 0, got {full['min_elements']}")
         if not math.isfinite(full["tie_tolerance"]) or full["tie_tolerance"] < 0:
@@ -109,7 +133,7 @@ class TieConfig(Record):
         for key in ("include", "exclude"):
             if key in given:
                 given[key] = [*base[key], *given[key]]
-        unknown = sorted(set(given) - set(base))
+        unknown = sorted(set(given) - {f.name for f in fields(cls)})
         if unknown:
             raise TypeError(f"TieConfig.layered() got unknown settings {unknown}")
         return cls.from_dict(base | given, source=str(path) if path else source)
@@ -151,6 +175,32 @@ class Settings:
         if "tolerance" in over and over["tolerance"] is not None and "bits" not in over:
             new = replace(new, bits=None)
         return new
+
+
+def _check_quality_settings(v: dict, where: str) -> None:
+    """method, dim, outliers and budget, each refused with one line naming the setting."""
+    method, dim = v.get("method", "auto"), v.get("dim", 1)
+    outliers, budget = v.get("outliers", 0.0), v.get("budget")
+    if method not in METHODS:
+        raise BadInputError(f"{where}: ", Option("method", method), f" is not one of {', '.join(METHODS)}")
+    if isinstance(dim, bool) or dim not in DIMS:
+        raise BadInputError(f"{where}: ", Option("dim", dim), " must be 1, 2 or 4 (weights per shared vector)")
+    if not (isinstance(outliers, (int, float)) and math.isfinite(outliers) and 0 <= outliers < 1):
+        shown = f"{100 * outliers:g}%" if isinstance(outliers, (int, float)) else repr(outliers)
+        raise BadInputError(f"{where}: ", Option("outliers", shown), " must be a share of the weights from 0% to "
+                            "below 100% (e.g. 0.5%)")
+    if budget is not None and not (math.isfinite(budget) and 1 <= budget <= MAX_BITS):
+        raise BadInputError(f"{where}: ", Option("budget", budget), f" must be between 1 and {MAX_BITS} bits per "
+                            "weight (the average over the tied weights, codebooks counted)")
+    if budget is not None and v.get("tolerance") is not None:
+        raise BadInputError(f"{where}: give ", Option("budget"), " or ", Option("tolerance"), ", not both")
+    if dim > 1 and v.get("tolerance") is not None:
+        raise BadInputError(f"{where}: vector codebooks (", Option("dim", dim), ") need ", Option("bits"),
+                            ", not ", Option("tolerance"))
+    bits = v.get("bits")
+    if dim > 1 and bits is not None and bits * dim > MAX_BITS:
+        raise BadInputError(f"{where}: ", Option("dim", dim), f" with {bits} bits needs {bits * dim}-bit indices; "
+                            f"at most {MAX_BITS}: use ", Option("bits", MAX_BITS // dim), " or fewer")
 
 
 def _check_override(section: str, pattern: str, over, source: str = "config") -> None:

@@ -241,8 +241,9 @@ def test_plan_json_without_labels_is_smaller_and_still_loads():
 
 
 @pytest.mark.parametrize(("config", "message"), [
-    ({"bitz": 4}, ("config: unknown key 'bitz'; known keys: bits, by_name, by_type, exclude, granularity, "
-                  "group_size, importance, include, min_elements, tie_tensors, tie_tolerance, tolerance, version")),
+    ({"bitz": 4}, ("config: unknown key 'bitz'; known keys: bits, budget, by_name, by_type, dim, exclude, "
+                  "granularity, group_size, importance, include, method, min_elements, outliers, tie_tensors, "
+                  "tie_tolerance, tolerance, version")),
     ({"bits": "4"}, "config: 'bits' must be an integer or null, got \"4\""),
     ({"bits": True}, "config: 'bits' must be an integer or null, got true"),
     ({"exclude": "fc1.*"}, "config: 'exclude' must be a list, got \"fc1.*\""),
