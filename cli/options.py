@@ -59,8 +59,10 @@ out_dir = click.option("-o", "--out-dir", type=_path(file_okay=False), default=P
 bits = click.option("--bits", type=int, default=None,
                     help="Index bits per weight, 1..8 (K = 2**bits shared values); default 4. Flags set the "
                          "global values: by_type/by_name overrides in --config still apply on top.")
-granularity = click.option("--granularity", type=click.Choice(KINDS), default=None,
-                           help="One codebook per tensor (default), per output channel, or per group of channels.")
+granularity = click.option("--granularity", type=click.Choice([*KINDS, "auto"]), default=None,
+                           help="One codebook per tensor, per output channel, per group of channels, or auto "
+                                "(default): groups of 16 channels for matrices of >= 65,536 weights where that "
+                                "costs < 0.1 bits per weight more, else per tensor.")
 group_size = click.option("--group-size", type=int, default=None, help="Channels per codebook for --granularity group.")
 epochs = click.option("--epochs", type=int, default=None,
                       help=f"Soft-tying epochs with --data (default: enough for {FinetuneConfig.min_steps} steps, "

@@ -27,7 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..codebook import FILE_FORMAT, FILE_FORMAT_VERSION, FILE_FORMAT_VERSIONS, Recipe, decode_tensor, index_shape
+from ..codebook import (
+    FILE_FORMAT,
+    FILE_FORMAT_VERSION,
+    FILE_FORMAT_VERSIONS,
+    Recipe,
+    decode_tensor,
+    index_shape,
+)
 from ..errors import BadInputError
 from ..packing import PACKING, packed_size, unpack_bits
 from . import safetensors as st_header

@@ -6,9 +6,9 @@
     result = assign_(model, plan, cfg, batches)       # or: error-compensated, vector codebooks, outliers, budget
 """
 
-from .cluster import Clustering, Decision, check_finite, cluster_tensor, decide, nearest_labels
 from .assign import AssignResult, assign_
 from .budget import Allocation
+from .cluster import Clustering, Decision, check_finite, cluster_tensor, decide, nearest_labels
 from .config import DIMS, MAX_BITS, MAX_K, METHODS, Settings, TieConfig
 from .finetune import FinetuneConfig, FinetuneResult, finetune_, refresh_codebooks
 from .importance import estimate_importance

@@ -243,21 +243,36 @@ def _update_plan(plan: TiePlan, codebooks: Codebooks, how: dict[str, str]) -> No
 
 def _allocate(model: nn.Module, specs: dict[str, _Spec], params: dict[str, torch.Tensor], observed: dict,
               batches, cfg: TieConfig) -> Allocation:
-    """Measure each tensor's output error at each candidate width; choose the bits within the budget."""
+    """Measure each tensor's output error at each candidate width; choose the bits within the budget.
+
+    Its own layer's error at each width comes from the assignment itself (tr(ΔW H ΔWᵀ), H observed on
+    the unmerged model, or ||ΔW||² without inputs); the model's output error with the tensor alone tied
+    at the width nearest the budget scales it to what the model's output feels."""
     widths = candidates(cfg.budget, cfg.dim)
     base = min(widths, key=lambda b: abs(b - cfg.budget))
+    costs = {n: {b: _cost(s if s.fixed else s.with_bits(b), cfg) for b in ([s.bits] if s.fixed else widths)}
+             for n, s in specs.items()}
+    local: dict[str, dict[int, float]] = {}
+    at_base: dict[str, torch.Tensor] = {}
+
+    def measure(name: str, h: torch.Tensor | None) -> None:
+        local[name], at_base[name] = _local_errors(specs[name], params[name], h, costs[name], base, cfg)
+
+    for name in specs:
+        if name not in observed:
+            measure(name, None)
+    if observed:
+        observe.sequential(model, {n: params[n] for n in observed}, batches, lambda n, h: measure(n, h),
+                           lambda names: None)
     sample = _sample(batches)
-    reference = _outputs(model, sample) if sample else None
-    errors, costs = {}, {}
-    for name, spec in specs.items():
-        costs[name] = {b: _cost(spec if spec.fixed else spec.with_bits(b), cfg) for b in
-                       ([spec.bits] if spec.fixed else widths)}
-    grams: dict[str, torch.Tensor | None] = {n: None for n in specs if n not in observed}
-    passes = observe.passes(model, {n: params[n] for n in observed}, batches) if observed else iter(())
-    for chunk in [grams, *passes]:
-        for name, h in chunk.items():
-            spec = specs[name]
-            errors[name] = _errors(model, spec, params[name], h, costs[name], base, sample, reference, cfg)
+    errors = local
+    if sample:
+        reference = _outputs(model, sample)
+        errors = {}
+        for name, errs in local.items():
+            b0 = min(errs, key=lambda b: abs(b - base))
+            measured = _output_error(model, params[name], at_base[name], sample, reference)
+            errors[name] = {b: measured * e / errs[b0] for b, e in errs.items()}
     weights = sum(s.plan.numel for s in specs.values())
     chosen = allocate(costs, errors, weights, cfg.budget)
     spent = sum(costs[n][b] for n, b in chosen.items())
@@ -279,29 +294,24 @@ def _cost(spec: _Spec, cfg: TieConfig) -> int:
     return cost_bits(count, spec.bits, spec.dim, groups, value_bits, outliers)
 
 
-def _errors(model, spec: _Spec, param: torch.Tensor, h, costs: dict[int, int], base: int, sample, reference,
-            cfg: TieConfig) -> dict[int, float]:
-    """Estimated output error of `spec` at each width in `costs`: its own layer's error at each width,
-    scaled by the model's output error measured with it alone tied at `base` bits."""
+def _local_errors(spec: _Spec, param: torch.Tensor, h, costs: dict[int, int], base: int, cfg: TieConfig
+                  ) -> tuple[dict[int, float], torch.Tensor]:
+    """The layer's own output error at each width in `costs`, and its tied value at the width nearest `base`."""
     w2 = spec.matrix(param).double()
-    local, at_base = {}, None
-    for b in costs:
+    weights = None if h is None else torch.diagonal(h).clamp_min(0).expand_as(w2)
+    local, nearest_base = {}, None
+    for b in sorted(costs, key=lambda b: abs(b - base)):
         s = spec if spec.fixed else spec.with_bits(b)
-        weights = None if h is None else torch.diagonal(h).clamp_min(0).expand_as(w2)
         tables = _tables(s, w2, weights, cfg)
         a = assign_nearest(w2, tables, cfg.outliers) if h is None else \
             assign_compensated(w2, h, tables, outliers=cfg.outliers)
         local[b] = max(a.loss, 1e-30)
-        if b == base or at_base is None:
-            at_base = (b, a, tables)
-    if reference is None:
-        return local
-    b0, a, tables = at_base
-    q = take(tables, a.labels)
-    if a.outlier_index is not None:
-        q.reshape(-1)[a.outlier_index] = a.outlier_value.double()
-    measured = _output_error(model, param, q.reshape(param.shape).to(param.dtype), sample, reference)
-    return {b: measured * local[b] / local[b0] for b in local}
+        if nearest_base is None:
+            q = take(tables, a.labels)
+            if a.outlier_index is not None:
+                q.reshape(-1)[a.outlier_index] = a.outlier_value.double()
+            nearest_base = q.reshape(param.shape).to(param.dtype)
+    return local, nearest_base
 
 
 def _sample(batches) -> list[tuple]:

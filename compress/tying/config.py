@@ -20,6 +20,11 @@ CONFIG_VERSION = 1
 MAX_BITS = 8
 MAX_K = 1 << MAX_BITS
 METHODS = ("auto", "nearest", "compensated")
+AUTO = "auto"
+AUTO_GROUP = 16
+AUTO_SLACK = 0.1
+AUTO_MIN = 1 << 16
+GRANULARITIES = (*KINDS, AUTO)
 DIMS = (1, 2, 4)
 _OVERRIDE_TYPES = {"bits": int | None, "tolerance": float | None, "granularity": str, "group_size": int | None,
                    "enabled": bool}
@@ -34,7 +39,9 @@ class TieConfig(Record):
         tolerance: keep every weight within this absolute distance of its shared value, with the
             fewest shared values that allow it (at most 256).
         granularity: one codebook per "tensor", per output "channel" (row), or per "group" of
-            `group_size` rows.
+            `group_size` rows; "auto" (the default): per group of 16 rows for matrices of at least
+            65,536 weights where that costs less than 0.1 bits per weight more than one codebook per
+            tensor, else per tensor.
         importance: weight the clustering by each weight's mean squared gradient on the data.
         min_elements: tensors with fewer elements are left alone.
         include / exclude: fnmatch globs on parameter names; `include` clusters a tensor the
@@ -59,7 +66,7 @@ class TieConfig(Record):
 
     bits: int | None = 4
     tolerance: float | None = None
-    granularity: str = "tensor"
+    granularity: str = "auto"
     group_size: int | None = None
     importance: bool = False
     min_elements: int = 1024
@@ -140,7 +147,7 @@ class TieConfig(Record):
 
     def resolved(self, name: str, module_type: str | None) -> Settings:
         """The settings for one parameter after the by_type and by_name layers."""
-        s = Settings(self.bits, self.tolerance, Granularity.of(self.granularity, self.group_size), True, "")
+        s = self.settings()
         if module_type is not None and module_type in self.by_type:
             s = s.apply(self.by_type[module_type], f"by_type {module_type!r}")
         for pattern, over in self.by_name.items():
@@ -150,7 +157,9 @@ class TieConfig(Record):
 
     def settings(self) -> Settings:
         """The global settings (no overrides applied)."""
-        return Settings(self.bits, self.tolerance, Granularity.of(self.granularity, self.group_size), True, "")
+        auto = self.granularity == AUTO
+        grain = Granularity.of("tensor" if auto else self.granularity, self.group_size)
+        return Settings(self.bits, self.tolerance, grain, True, "", auto)
 
 
 @dataclass(frozen=True)
@@ -162,19 +171,36 @@ class Settings:
     grain: Granularity
     enabled: bool = True
     source: str = ""  # the last override that changed something, for reasons
+    auto: bool = False  # granularity "auto": `for_shape` picks tensor or groups of AUTO_GROUP rows
 
     def apply(self, over: dict, source: str) -> Settings:
-        kind = over.get("granularity", self.grain.kind)
+        kind = over.get("granularity", AUTO if self.auto else self.grain.kind)
         size = over.get("group_size", self.grain.size)
+        auto = kind == AUTO
+        kind = "tensor" if auto else kind
         new = replace(self, bits=over.get("bits", self.bits), tolerance=over.get("tolerance", self.tolerance),
                       grain=Granularity.of(kind, size if kind == "group" else None),
-                      enabled=over.get("enabled", self.enabled), source=source)
+                      enabled=over.get("enabled", self.enabled), source=source, auto=auto)
         # The layer that names K wins: bits clears an inherited tolerance and vice versa.
         if "bits" in over and "tolerance" not in over:
             new = replace(new, tolerance=None)
         if "tolerance" in over and over["tolerance"] is not None and "bits" not in over:
             new = replace(new, bits=None)
         return new
+
+    def for_shape(self, shape: tuple[int, ...]) -> Settings:
+        """Granularity "auto" made concrete for a tensor of `shape`: groups of 16 rows for a matrix of at
+        least 65,536 weights where their extra codebooks cost less than 0.1 bits per weight (K values of
+        32 bits per group), else one codebook."""
+        if not self.auto:
+            return self
+        rows = int(shape[0]) if len(shape) >= 2 else 1
+        numel = math.prod(shape)
+        groups = -(-rows // AUTO_GROUP)
+        k = (1 << self.bits) if self.bits is not None else None
+        if k is not None and numel >= AUTO_MIN and k * 32 * (groups - 1) < AUTO_SLACK * numel:
+            return replace(self, grain=Granularity("group", AUTO_GROUP), auto=False)
+        return replace(self, auto=False)
 
 
 def _check_quality_settings(v: dict, where: str) -> None:
@@ -220,7 +246,7 @@ def _check_k_settings(bits, tolerance, granularity, group_size, where: str) -> N
         raise BadInputError(f"{where}: bits must be between 1 and {MAX_BITS}, got {bits}")
     if tolerance is not None and (not math.isfinite(tolerance) or tolerance < 0):
         raise BadInputError(f"{where}: tolerance must be a finite number >= 0, got {tolerance}")
-    if granularity not in KINDS:
-        raise BadInputError(f"{where}: granularity must be one of {', '.join(KINDS)}, got {granularity!r}")
+    if granularity not in GRANULARITIES:
+        raise BadInputError(f"{where}: granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     if group_size is not None and group_size < 1:
         raise BadInputError(f"{where}: group_size must be >= 1, got {group_size}")

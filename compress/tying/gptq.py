@@ -35,6 +35,7 @@ import torch
 
 DAMP = 0.01
 BLOCK = 128
+SWEEPS = 1
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Assignment:
 
 def take(tables: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The values [rows, cols] that `labels` [rows, cols / dim] pick from per-row `tables` [rows, K, dim]."""
-    rows, k, dim = tables.shape
+    rows, _, dim = tables.shape
     picked = tables.gather(1, labels.unsqueeze(-1).expand(rows, labels.shape[1], dim))
     return picked.reshape(rows, -1)
 
@@ -80,10 +81,64 @@ def assign_nearest(w: torch.Tensor, tables: torch.Tensor, outliers: float = 0.0)
 
 
 def assign_compensated(w: torch.Tensor, h: torch.Tensor, tables: torch.Tensor, *, outliers: float = 0.0,
-                       damp: float = DAMP, block: int = BLOCK) -> Assignment:
+                       damp: float = DAMP, block: int = BLOCK, sweeps: int = SWEEPS) -> Assignment:
     """Error-compensated assignment of `w` [rows, cols] to per-row `tables` [rows, K, dim] under the
-    input Gram matrix `h` [cols, cols] (see the module docstring)."""
-    rows, k, dim = tables.shape
+    input Gram matrix `h` [cols, cols] (see the module docstring), then `sweeps` passes of `descend`."""
+    first = _greedy(w, h, tables, outliers, damp, block)
+    if not sweeps:
+        return first
+    return descend(w, h, tables, first, sweeps=sweeps, damp=damp)
+
+
+def descend(w: torch.Tensor, h: torch.Tensor, tables: torch.Tensor, start: Assignment, *, sweeps: int = 1,
+            damp: float = DAMP) -> Assignment:
+    """Coordinate descent on tr(E H Eᵀ), E = W - Q: each run of columns in turn moves to the table entry
+    nearest to its best value given all the others, q + (E H)_j / H_jj, where that lowers the error.
+    Outliers stay as they are. Starting from the greedy pass it can only improve it."""
+    rows, _, dim = tables.shape
+    cols = w.shape[1]
+    W, tables = w.to(torch.float64), tables.to(torch.float64)
+    H = h.to(torch.float64).clone()
+    diag = torch.diagonal(H)
+    diag[diag <= 0] = 1.0
+    H += damp * float(diag.mean()) * torch.eye(cols, dtype=H.dtype)
+    labels = start.labels.clone()
+    Q = take(tables, labels)
+    keep = torch.zeros(rows * cols, dtype=torch.bool)
+    if start.outlier_index is not None:
+        keep[start.outlier_index] = True
+        Q.reshape(-1)[start.outlier_index] = start.outlier_value.to(Q.dtype)
+    keep = keep.reshape(rows, cols)
+    G = (W - Q) @ H
+    d = torch.diagonal(H)
+    pick = _Nearest(tables)
+    order = torch.argsort(d.reshape(-1, dim).sum(1), descending=True, stable=True)
+    for _ in range(sweeps):
+        for run in order.tolist():
+            c = slice(run * dim, run * dim + dim)
+            q, hd = Q[:, c], d[c]
+            lab, new = pick(q + G[:, c] / hd, hd)
+            new = torch.where(keep[:, c], q, new)
+            delta = q - new  # the change of E = W - Q
+            gain = (delta.square() * hd + 2 * delta * G[:, c]).sum(1)
+            if dim > 1:
+                block = H[c, c]
+                gain = gain + (delta @ block * delta).sum(1) - (delta.square() * hd).sum(1)
+            better = gain < 0
+            if not bool(better.any()):
+                continue
+            delta = delta * better[:, None]
+            G += delta @ H[c, :]
+            Q[:, c] = torch.where(better[:, None], new, q)
+            labels[:, run] = torch.where(better, lab, labels[:, run])
+    E = W - Q
+    loss = float((E @ H * E).sum())
+    return Assignment(labels, start.outlier_index, start.outlier_value, loss)
+
+
+def _greedy(w: torch.Tensor, h: torch.Tensor, tables: torch.Tensor, outliers: float, damp: float,
+            block: int) -> Assignment:
+    rows, _, dim = tables.shape
     cols = w.shape[1]
     W = w.to(torch.float64).clone()
     tables = tables.to(torch.float64)
@@ -157,7 +212,7 @@ class _Nearest:
 
     def __init__(self, tables: torch.Tensor):
         self.tables = tables
-        rows, k, dim = tables.shape
+        rows, _, dim = tables.shape
         self.rows = torch.arange(rows)
         if dim == 1:
             flat = tables[..., 0]

@@ -325,7 +325,7 @@ class _Meeting:
                 self.gram = sum((s[2].T @ s[2]).double() for s in self.slots) / max(rows, 1)
                 self.key = key
             self.value = self.handle(name, self.gram)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as e:
             self.error = e
             self.cond.notify_all()
             raise

@@ -48,21 +48,25 @@ class RefineConfig(Record):
         epochs: fixed epochs over the calibration rows (all of them); None: until the held-out loss
             stops improving, at most `max_steps` steps.
         max_steps: the most optimizer steps when `epochs` is None.
-        lr: Adam learning rate of the latent weights.
-        codebook_lr: Adam learning rate of the shared values.
+        lr: Adam learning rate of each tensor's latent weights, as a share of the mean gap between its
+            neighbouring shared values (the distance a weight must travel to change its index), so one
+            value suits 1-bit and 4-bit tensors, large weights and small.
+        codebook_lr: the same for its shared values.
+        untied_lr: Adam learning rate of the untied one-dimensional parameters (`train_untied`).
         batch_size: mini-batch size.
         holdout: fraction of the calibration rows held out to decide when to stop (epochs None).
         patience: epochs without improvement before stopping (epochs None).
         min_improvement: relative held-out loss improvement that counts.
         reassign_every: steps between re-assignments of vector codebooks (scalar: every step).
-        train_untied: also train the untied one-dimensional parameters (biases, norm scales) at `lr`.
+        train_untied: also train the untied one-dimensional parameters (biases, norm scales).
         seed: seeds the batch order and the held-out rows.
     """
 
     epochs: int | None = None
     max_steps: int = 400
-    lr: float = 1e-4
-    codebook_lr: float = 1e-4
+    lr: float = 0.01
+    codebook_lr: float = 0.005
+    untied_lr: float = 1e-4
     batch_size: int = 32
     holdout: float = 0.1
     patience: int = 1
@@ -213,13 +217,15 @@ def _train(model: nn.Module, steps: dict[str, _Latent], loss_fn, n: int, cfg: Re
         p.requires_grad_(False)
     for p in latents + [s.codebook for s in steps.values()] + untied:
         p.requires_grad_(True)
-    latents = latents + untied  # trained, snapshotted and restored alike
-    if not latents and not steps:
+    if not latents and not untied:
         for p, flag in flags.items():
             p.requires_grad_(flag)
         return RefineResult(stopped="nothing to train: every merged tensor is shared with another name")
-    opt = torch.optim.Adam([{"params": latents, "lr": cfg.lr},
-                            {"params": [s.codebook for s in steps.values()], "lr": cfg.codebook_lr}])
+    gaps = [_gap(s) for s in steps.values()]
+    groups = [{"params": [t], "lr": cfg.lr * g} for t, g in zip(latents, gaps)]
+    groups += [{"params": [s.codebook], "lr": cfg.codebook_lr * g} for s, g in zip(steps.values(), gaps)]
+    opt = torch.optim.Adam(groups + ([{"params": untied, "lr": cfg.untied_lr}] if untied else []))
+    latents = latents + untied  # trained, snapshotted and restored alike
     per_epoch = math.ceil(len(train) / cfg.batch_size)
     epochs = cfg.epochs if cfg.epochs is not None else max(1, math.ceil(cfg.max_steps / per_epoch))
     result = RefineResult()
@@ -257,6 +263,15 @@ def _train(model: nn.Module, steps: dict[str, _Latent], loss_fn, n: int, cfg: Re
     for p in model.parameters():
         p.requires_grad_(flags.get(p, False))
     return result
+
+
+@torch.no_grad()
+def _gap(step: _Latent) -> float:
+    """Mean distance between neighbouring shared values of a codebook (per coordinate for vectors)."""
+    cb = step.codebook.detach().double()
+    per_axis = max(round(step.cb.k ** (1 / step.cb.dim)) - 1, 1)
+    spans = cb.amax(dim=1) - cb.amin(dim=1)  # [groups] or [groups, dim]
+    return max(float(spans.mean()) / per_axis, 1e-12)
 
 
 @torch.no_grad()

@@ -69,7 +69,7 @@ def test_the_kernel_beats_nearest_on_the_layer_output_it_minimizes():
     w, x = torch.randn(16, 32, dtype=torch.float64), _inputs(400, 32).double()
     tables = torch.linspace(-2, 2, 8, dtype=torch.float64).expand(16, 8).unsqueeze(-1)
     near, comp = assign_nearest(w, tables), assign_compensated(w, x.T @ x / len(x), tables)
-    error = lambda a: float(((take(tables, a.labels) - w) @ x.T).square().mean())  # noqa: E731
+    error = lambda a: float(((take(tables, a.labels) - w) @ x.T).square().mean())
     assert error(comp) < 0.5 * error(near)
     assert comp.labels.max() < 8 and comp.labels.shape == (16, 32)
 
@@ -184,8 +184,8 @@ def test_a_budget_below_what_any_codebook_costs_is_refused():
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"budget": 0.5}, "config: budget=0.5 must be between 1 and 8 bits per weight (the average over the tied "
-                      "weights, codebooks counted)"),
+    ({"budget": 0.5}, ("config: budget=0.5 must be between 1 and 8 bits per weight (the average over the tied "
+                       "weights, codebooks counted)")),
     ({"dim": 3}, "config: dim=3 must be 1, 2 or 4 (weights per shared vector)"),
     ({"outliers": 1.2}, "config: outliers='120%' must be a share of the weights from 0% to below 100% (e.g. 0.5%)"),
     ({"method": "exact"}, "config: method='exact' is not one of auto, nearest, compensated"),

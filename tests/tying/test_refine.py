@@ -26,7 +26,7 @@ def test_refining_moves_assignments_and_lowers_the_loss_keeping_k_values():
     cfg = TieConfig(bits=2, method="compensated", min_elements=0)
     result = assign_(model, analyze(model, cfg), cfg, batches_of(x))
     before = _distance(model, reference, x)
-    refined = refine_(model, result.codebooks, data, RefineConfig(epochs=8, lr=1e-2, codebook_lr=1e-3),
+    refined = refine_(model, result.codebooks, data, RefineConfig(epochs=8, lr=0.05),
                       original=reference)
     assert refined.mode == "distillation" and refined.epochs == 8 and refined.steps == 8 * 8
     assert _distance(model, reference, x) < 0.8 * before
@@ -40,7 +40,7 @@ def test_without_epochs_it_stops_when_the_held_out_loss_stops_improving_and_keep
     model, data = trained_two_layer()
     cfg = TieConfig(bits=2, min_elements=0)
     result = assign_(model, analyze(model, cfg), cfg, batches_of(data.calib_inputs))
-    refined = refine_(model, result.codebooks, data, RefineConfig(max_steps=60, holdout=0.25, lr=1e-2))
+    refined = refine_(model, result.codebooks, data, RefineConfig(max_steps=60, holdout=0.25, lr=0.05))
     assert 1 <= refined.epochs <= 60 // 3 + 1 and 0 <= refined.kept_epoch <= refined.epochs
     held = [h["held_out"] for h in refined.history]
     assert refined.kept_epoch == 0 or held[refined.kept_epoch - 1] == min(held)
