@@ -175,9 +175,9 @@ def ours_refine(model: nn.Module, bits: int, data, epochs: int) -> str:
 
 
 METHODS = {
-    "ours ptq": ("compress.plan", ours_ptq),
-    "ours soft pairwise": ("compress.finetune", ours_soft("pairwise")),
-    "ours soft mixture": ("compress.finetune", ours_soft("mixture")),
+    "ours ptq": ("compress.tying.plan", ours_ptq),
+    "ours soft pairwise": ("compress.tying.finetune", ours_soft("pairwise")),
+    "ours soft mixture": ("compress.tying.finetune", ours_soft("mixture")),
     "ours refine": ("compress.tying.refine", ours_refine),
     "cml ptq": (None, cml_ptq),
     "cml dkm": (None, cml_dkm),

@@ -86,14 +86,14 @@ METHODS = [
     Method(f"ours group{GROUP} +importance", "ours", "group", importance=True),
     Method(f"ours group{GROUP} +imp, codebook tuning (distill)", "ours", "group", True, CB_TUNE),
     Method(f"ours group{GROUP} +imp, soft tying (distill)", "ours", "group", True, SOFT_TIE),
-    Method(f"ours {COMP} group{GROUP}", "ours", "group", method=COMP),
-    Method(f"ours {COMP} tensor dim2", "ours", "tensor", method=COMP, dim=2),
-    Method(f"ours {COMP} tensor dim4", "ours", "tensor", method=COMP, dim=4),
-    Method(f"ours {COMP} group{GROUP} +0.5% outliers", "ours", "group", method=COMP, outliers=0.005),
-    Method(f"ours {COMP} group{GROUP} +budget", "ours", "group", method=COMP, budget=True),
-    Method(f"ours {COMP} tensor dim2 +budget", "ours", "tensor", method=COMP, dim=2, budget=True),
-    Method(f"ours {COMP} group{GROUP} +refine", "ours", "group", method=COMP, refine=REFINE),
-    Method(f"ours {COMP} group{GROUP} +budget +refine", "ours", "group", method=COMP, budget=True, refine=REFINE),
+    Method(f"ours {COMP}", "ours", "auto", method=COMP),
+    Method(f"ours {COMP} dim2", "ours", "auto", method=COMP, dim=2),
+    Method(f"ours {COMP} dim4", "ours", "auto", method=COMP, dim=4),
+    Method(f"ours {COMP} +0.5% outliers", "ours", "auto", method=COMP, outliers=0.005),
+    Method(f"ours {COMP} +budget", "ours", "auto", method=COMP, budget=True),
+    Method(f"ours {COMP} dim2 +budget", "ours", "auto", method=COMP, dim=2, budget=True),
+    Method(f"ours {COMP} +budget +refine", "ours", "auto", method=COMP, budget=True, refine=REFINE),
+    Method(f"ours {COMP} dim2 +budget +refine", "ours", "auto", method=COMP, dim=2, budget=True, refine=REFINE),
     Method("cml tensor", "cml", "tensor"),
     Method(f"cml group{GROUP}", "cml", "group"),
 ]
@@ -103,8 +103,7 @@ _OLD = {"ours channel", f"ours group{GROUP}", f"ours group{GROUP} +importance", 
 # and the best earlier rows (per tensor; grouped + importance + codebook tuning); dim 4 only at 2 bits
 # (at 3 and 4 bits its K = 2**(bits * 4) is over 256). `--all` runs every method at every bits.
 SKIP = {(m.name, 8) for m in METHODS if m.granularity != "tensor" or m.method == COMP} | {
-    (n, b) for n in _OLD for b in BITS} | {(METHODS[8].name, b) for b in (8, 4, 3)} | {
-    (METHODS[4].name, 2)}
+    (n, b) for n in _OLD for b in BITS} | {(METHODS[4].name, 2)}
 
 
 @dataclass
@@ -192,10 +191,10 @@ def ours(model: SentenceEmbedder, m: Method, bits: int, data, batches, base) -> 
     plan = analyze(model, cfg, importance=estimate_importance(model, data) if m.importance else None)
     if m.method == COMP:
         result = assign_(model, plan, cfg, batches)
-        detail = ""
+        detail = layout_text(result.codebooks)
         if result.allocation is not None:
-            counts = {b: list(result.allocation.bits.values()).count(b) for b in sorted(set(result.allocation.bits.values()))}
-            detail = "bits " + ", ".join(f"{b}: {c}" for b, c in counts.items())
+            chosen = list(result.allocation.bits.values())
+            detail += "; bits " + ", ".join(f"{b}: {chosen.count(b)}" for b in sorted(set(chosen)))
         if not m.refine:
             return result.codebooks, detail
         refined = refine_(model, result.codebooks, data, RefineConfig(**dict(m.refine), seed=0), original=base)
@@ -205,6 +204,12 @@ def ours(model: SentenceEmbedder, m: Method, bits: int, data, batches, base) -> 
         return merge_(model, plan), ""
     ft = FinetuneConfig(**dict(m.finetune), batch_size=32, seed=0, progress=False)
     return finetune_(model, plan, data, ft).codebooks, ""
+
+
+def layout_text(codebooks) -> str:
+    """How many tensors got which codebook rows: "group of 16: 36" or "tensor: 24, group of 512: 12"."""
+    kinds = [cb.grain.describe() for cb in codebooks.tensors.values()]
+    return ", ".join(f"{k}: {kinds.count(k)}" for k in sorted(set(kinds)))
 
 
 def codebook_bpw(codebooks) -> float:
@@ -362,7 +367,7 @@ def main() -> int:
     check = C.cosine_stats(st_ref, ref)[1]
     if check < 0.99999:
         raise SystemExit(f"the wrapper disagrees with sentence-transformers (min cosine {check}); fix SentenceEmbedder")
-    missing = [why for mod, names in (("plan", ("analyze",)), ("merge", ("merge_",)), ("finetune", ("finetune_",)),
+    missing = [why for mod, names in (("tying", ("analyze", "merge_", "finetune_", "assign_", "refine_")),
                                       ("export.onnx", ("export_onnx",)))
                for _, why in [C.toolkit(mod, *names)] if why]
     bits = (4,) if args.quick else (args.bits or BITS)

@@ -61,8 +61,8 @@ bits = click.option("--bits", type=int, default=None,
                          "global values: by_type/by_name overrides in --config still apply on top.")
 granularity = click.option("--granularity", type=click.Choice([*KINDS, "auto"]), default=None,
                            help="One codebook per tensor, per output channel, per group of channels, or auto "
-                                "(default): groups of 16 channels for matrices of >= 65,536 weights where that "
-                                "costs < 0.1 bits per weight more, else per tensor.")
+                                "(default): for matrices of >= 65,536 weights the smallest groups of 16, 32, 64, ... "
+                                "channels whose codebooks cost < 0.1 bits per weight more, else per tensor.")
 group_size = click.option("--group-size", type=int, default=None, help="Channels per codebook for --granularity group.")
 epochs = click.option("--epochs", type=int, default=None,
                       help=f"Soft-tying epochs with --data (default: enough for {FinetuneConfig.min_steps} steps, "

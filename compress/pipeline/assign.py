@@ -51,6 +51,16 @@ def takes_quality_path(cfg: TieConfig, data, examples, reference) -> bool:
     return method != "nearest" or cfg.dim > 1 or cfg.outliers > 0 or cfg.budget is not None
 
 
+def quality_notes(run: QualityRun | None, cfg: TieConfig, reference) -> list[str]:
+    """The notes of the quality path, or, when the weights alone were tied by default, how to do better."""
+    if run is not None:
+        return list(run.notes)
+    if cfg.method == "auto" and reference is None:
+        return ["tied from the weights alone (nearest shared values); a model with a graph (.pt2) and --data gives "
+                "the error-compensated assignment, which keeps the outputs much closer"]
+    return []
+
+
 def assign_and_refine(model: nn.Module, plan: TiePlan, cfg: TieConfig, data, examples, reference,
                       ft: FinetuneConfig | None) -> tuple[Codebooks, QualityRun]:
     """Merge `model` by `assign_`, then refine it when `ft` asks for training; returns the codebooks."""
@@ -66,7 +76,7 @@ def assign_and_refine(model: nn.Module, plan: TiePlan, cfg: TieConfig, data, exa
     started = time.perf_counter()
 
     def announce(what: str) -> None:
-        text = f"{what}{', then refinement by distillation' if refine else ''}: about {_minutes(run.estimate_s)}"
+        text = f"{what}{', then refinement through the merged model' if refine else ''}: about {_minutes(run.estimate_s)}"
         run.notes.append(f"planned: {text}")
         if run.estimate_s > ANNOUNCE_S:
             from rich.console import Console

@@ -45,7 +45,7 @@ from ..tying import (
     merge_,
 )
 from ..verify import verify, verify_safetensors
-from .assign import assign_and_refine, takes_quality_path
+from .assign import assign_and_refine, quality_notes, takes_quality_path
 from .measure import quality, stored_bytes
 from .report import Outputs, TieReport, build_report
 from .serialize import serialize
@@ -142,8 +142,8 @@ def tie(loaded, cfg: TieConfig | None = None, *, data=None, finetune: FinetuneCo
     report = build_report(loaded, run.data_path, run.cfg, ft, plan, codebooks, originals, before,
                           stored_bytes(run.model), quality(run.reference, run.model, data, run.examples), ft_result,
                           outputs, time.perf_counter() - started)
-    if run.quality is not None:  # the error-compensated / vector / outlier / budget path (pipeline.assign)
-        report.quality_path, report.notes = run.quality, [*run.quality.notes, *report.notes]
+    report.quality_path = run.quality  # the error-compensated / vector / outlier / budget path (pipeline.assign)
+    report.notes = [*quality_notes(run.quality, run.cfg, run.reference), *report.notes]
     exports, checks = _write(run, payload, plan, codebooks, report)
     return TieResult(run.model, plan, codebooks, report, *run.paths, run.examples, ft_result, exports, checks)
 

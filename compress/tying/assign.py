@@ -172,7 +172,8 @@ def _specs(plan: TiePlan, cfg: TieConfig, notes: list[str]) -> dict[str, _Spec]:
                          f"as vectors of {dim}")
             dim = 1
         k = tp.k if dim == 1 else 1 << (bits * dim)
-        out[tp.name] = _Spec(tp, bits, k, dim, fixed=cfg.budget is not None and bits is None)
+        # under a budget a tensor keeps its K when an override (by_name, by_type, tolerance) set it
+        out[tp.name] = _Spec(tp, bits, k, dim, fixed=cfg.budget is not None and (bits is None or bits != cfg.bits))
     return out
 
 
@@ -250,8 +251,8 @@ def _allocate(model: nn.Module, specs: dict[str, _Spec], params: dict[str, torch
     at the width nearest the budget scales it to what the model's output feels."""
     widths = candidates(cfg.budget, cfg.dim)
     base = min(widths, key=lambda b: abs(b - cfg.budget))
-    costs = {n: {b: _cost(s if s.fixed else s.with_bits(b), cfg) for b in ([s.bits] if s.fixed else widths)}
-             for n, s in specs.items()}
+    costs = {n: {b: _cost(s if s.fixed else s.with_bits(b), cfg)
+                 for b in ([s.bits or (s.k - 1).bit_length()] if s.fixed else widths)} for n, s in specs.items()}
     local: dict[str, dict[int, float]] = {}
     at_base: dict[str, torch.Tensor] = {}
 

@@ -45,8 +45,8 @@ def allocate(costs: dict[str, dict[int, int]], errors: dict[str, dict[int, float
     spent = sum(costs[n][b] for n, b in chosen.items())
     if spent > limit:
         raise BadInputError(f"the budget of {budget:g} bits per weight is below the smallest storage these tensors "
-                            f"allow ({spent / max(weights, 1):.3f} bits per weight at {min(min(c) for c in costs.values())}"
-                            " bits, codebooks counted); raise ", Option("budget"))
+                            f"allow ({spent / max(weights, 1):.3f} bits per weight with the fewest bits each may take, "
+                            "codebooks counted); raise ", Option("budget"))
     while True:
         best, best_gain = None, 0.0
         for n, b in chosen.items():

@@ -39,9 +39,9 @@ class TieConfig(Record):
         tolerance: keep every weight within this absolute distance of its shared value, with the
             fewest shared values that allow it (at most 256).
         granularity: one codebook per "tensor", per output "channel" (row), or per "group" of
-            `group_size` rows; "auto" (the default): per group of 16 rows for matrices of at least
-            65,536 weights where that costs less than 0.1 bits per weight more than one codebook per
-            tensor, else per tensor.
+            `group_size` rows; "auto" (the default): for matrices of at least 65,536 weights the
+            smallest groups of 16, 32, 64, ... rows whose codebooks cost less than 0.1 bits per weight
+            more than one per tensor, else one per tensor.
         importance: weight the clustering by each weight's mean squared gradient on the data.
         min_elements: tensors with fewer elements are left alone.
         include / exclude: fnmatch globs on parameter names; `include` clusters a tensor the
@@ -58,7 +58,8 @@ class TieConfig(Record):
         outliers: fraction of each tied tensor's weights (0.005 is 0.5%) kept exactly, in a sparse
             side tensor (int32 position + value each), counted in its bits per weight.
         budget: average bits per tied weight (codebooks, indices and outliers counted) to spread over
-            the tensors by their measured sensitivity; `bits` is then only the starting point.
+            the tensors by their measured sensitivity; `bits` is then only the starting point (a tensor
+            whose K an override sets keeps it, and its storage counts against the budget).
 
     >>> TieConfig.from_dict({"bits": 2, "by_name": {"fc3.*": {"bits": 8}}}).bits
     2
@@ -188,18 +189,23 @@ class Settings:
             new = replace(new, bits=None)
         return new
 
-    def for_shape(self, shape: tuple[int, ...]) -> Settings:
-        """Granularity "auto" made concrete for a tensor of `shape`: groups of 16 rows for a matrix of at
-        least 65,536 weights where their extra codebooks cost less than 0.1 bits per weight (K values of
-        32 bits per group), else one codebook."""
+    def for_shape(self, shape: tuple[int, ...], dim: int = 1) -> Settings:
+        """Granularity "auto" made concrete for a tensor of `shape` (vectors of `dim` weights): the
+        smallest groups of 16, 32, 64, ... rows whose extra codebooks (K x dim values of 32 bits each)
+        cost less than 0.1 bits per weight, for a matrix of at least 65,536 weights; else one codebook."""
         if not self.auto:
             return self
         rows = int(shape[0]) if len(shape) >= 2 else 1
         numel = math.prod(shape)
-        groups = -(-rows // AUTO_GROUP)
-        k = (1 << self.bits) if self.bits is not None else None
-        if k is not None and numel >= AUTO_MIN and k * 32 * (groups - 1) < AUTO_SLACK * numel:
-            return replace(self, grain=Granularity("group", AUTO_GROUP), auto=False)
+        if self.bits is None or numel < AUTO_MIN:
+            return replace(self, auto=False)
+        vector = dim > 1 and shape[-1] % dim == 0 and self.bits * dim <= MAX_BITS
+        per_group = (1 << (self.bits * dim if vector else self.bits)) * (dim if vector else 1) * 32
+        size = AUTO_GROUP
+        while size < rows:
+            if per_group * (-(-rows // size) - 1) < AUTO_SLACK * numel:
+                return replace(self, grain=Granularity("group", size), auto=False)
+            size *= 2
         return replace(self, auto=False)
 
 

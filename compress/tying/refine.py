@@ -69,7 +69,7 @@ class RefineConfig(Record):
     untied_lr: float = 1e-4
     batch_size: int = 32
     holdout: float = 0.1
-    patience: int = 1
+    patience: int = 3
     min_improvement: float = 0.002
     reassign_every: int = 10
     train_untied: bool = True
@@ -227,7 +227,7 @@ def _train(model: nn.Module, steps: dict[str, _Latent], loss_fn, n: int, cfg: Re
     opt = torch.optim.Adam(groups + ([{"params": untied, "lr": cfg.untied_lr}] if untied else []))
     latents = latents + untied  # trained, snapshotted and restored alike
     per_epoch = math.ceil(len(train) / cfg.batch_size)
-    epochs = cfg.epochs if cfg.epochs is not None else max(1, math.ceil(cfg.max_steps / per_epoch))
+    epochs = cfg.epochs if cfg.epochs is not None else max(1, cfg.max_steps // per_epoch)
     result = RefineResult()
     best, best_state, waited = _held_loss(model, loss_fn, held), _snapshot(latents, steps), 0
     result.stopped = f"{epochs} epochs" if cfg.epochs is not None else f"at most {cfg.max_steps} steps"

@@ -237,7 +237,8 @@ BAD = {
     "outliers-word": (lambda t, m: [m, "--outliers", "some"], "error: --outliers some is not a percentage (e.g. 0.5%)"),
     "budget-below-codebooks": (lambda t, m: [m, "--budget", "1", "--method", "nearest"],
                                ("error: the budget of 1 bits per weight is below the smallest storage these tensors "
-                                "allow (1.042 bits per weight at 1 bits, codebooks counted); raise --budget")),
+                                "allow (1.042 bits per weight with the fewest bits each may take, codebooks counted); "
+                                "raise --budget")),
 }
 
 
@@ -289,6 +290,7 @@ def test_method_nearest_keeps_the_plain_merge(tiny, tmp_path):
     assert "quality_path" not in report
 
 
+@pytest.mark.slow
 def test_vectors_outliers_and_a_budget_export_and_verify(tiny, tmp_path):
     pt2, dat = tiny
     out = tmp_path / "out"

@@ -71,7 +71,8 @@ def test_vector_and_outlier_exports_round_trip_through_onnxruntime(tmp_path, dim
     assert path.stat().st_size < 0.5 * dense
 
 
-@pytest.mark.parametrize(("dim", "outliers", "method"), CASES, ids=[f"dim{d}-out{o}-{m}" for d, o, m in CASES])
+@pytest.mark.parametrize(("dim", "outliers", "method"), [
+    pytest.param(*c, id=f"dim{c[0]}-out{c[1]}-{c[2]}", marks=[pytest.mark.slow] if i else []) for i, c in enumerate(CASES)])
 def test_safetensors_state_dict_and_codebook_records_give_back_the_merged_values(tmp_path, dim, outliers, method):
     model, codebooks, x = _merged(dim, outliers, method)
     path = tmp_path / "m.safetensors"

@@ -165,7 +165,7 @@ def test_outliers_keep_that_share_of_the_weights_exactly(method):
 
 
 @pytest.mark.parametrize("budget", [2.0, 2.5, 3.0, 3.6])
-@pytest.mark.parametrize("dim", [1, 2])
+@pytest.mark.parametrize("dim", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_the_budget_is_never_exceeded_and_spent_where_it_matters(budget, dim):
     model = _model()
     cfg = TieConfig(budget=budget, dim=dim, method="compensated", min_elements=0, outliers=0.002)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +19,7 @@ def _distance(model, reference, x) -> float:
         return float(F.mse_loss(model(x), reference(x)))
 
 
+@pytest.mark.slow
 def test_refining_moves_assignments_and_lowers_the_loss_keeping_k_values():
     torch.manual_seed(0)
     reference, x = nn.Sequential(nn.Linear(48, 64), nn.Tanh(), nn.Linear(64, 16)).eval(), torch.randn(256, 48)
