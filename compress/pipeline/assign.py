@@ -56,8 +56,8 @@ def quality_notes(run: QualityRun | None, cfg: TieConfig, reference) -> list[str
     if run is not None:
         return list(run.notes)
     if cfg.method == "auto" and reference is None:
-        return ["tied from the weights alone (nearest shared values); a model with a graph (.pt2) and --data gives "
-                "the error-compensated assignment, which keeps the outputs much closer"]
+        return [("tied from the weights alone (nearest shared values); a model with a graph (.pt2) and --data gives "
+                 "the error-compensated assignment, which keeps the outputs much closer")]
     return []
 
 

@@ -305,7 +305,7 @@ def _local_errors(spec: _Spec, param: torch.Tensor, h, costs: dict[int, int], ba
         s = spec if spec.fixed else spec.with_bits(b)
         tables = _tables(s, w2, weights, cfg)
         a = assign_nearest(w2, tables, cfg.outliers) if h is None else \
-            assign_compensated(w2, h, tables, outliers=cfg.outliers)
+            assign_compensated(w2, h, tables, outliers=cfg.outliers, sweeps=0)  # the greedy pass ranks widths
         local[b] = max(a.loss, 1e-30)
         if nearest_base is None:
             q = take(tables, a.labels)

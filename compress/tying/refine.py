@@ -22,7 +22,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 
@@ -32,9 +31,9 @@ from torch.nn.utils import parametrize
 
 from ..codebook import Codebooks, TensorCodebook, attach_codebook_, decode_tensor, index_dtype
 from ..errors import BadInputError
-from ..execution import loss_mode, train_mode
+from ..execution import train_mode
 from ..records import SKIP, Record
-from .finetune import _loss_fn, _teacher_outputs
+from .finetune import training_loss
 from .fit import nearest_vectors
 
 REFINE_VERSION = 1
@@ -158,19 +157,12 @@ def refine_(model: nn.Module, codebooks: Codebooks, data, cfg: RefineConfig | No
     Tensors that another name aliases keep their merge (training one name would untie the other).
     """
     cfg = cfg or RefineConfig()
-    inputs, targets = data.calib_inputs, data.calib_targets
-    if len(inputs) == 0:
-        raise BadInputError("refining needs calibration inputs; the data file has none")
-    with torch.no_grad(), train_mode(model, False):
-        kind = loss_mode(model(inputs[:2]), inputs[:2], targets)
-    teacher = _teacher_outputs(original if original is not None else copy.deepcopy(model), inputs) \
-        if kind == "distillation" else None
-    loss_fn = _loss_fn(kind, inputs, targets, teacher)
+    kind, loss_fn = training_loss(model, data, original, "refining")
     aliased = {a.target for a in codebooks.aliases.values()}
     names = [n for n in codebooks.tensors if n not in aliased]
     steps = {n: _swap_in(model, codebooks.tensors[n], cfg.reassign_every) for n in names}
     try:
-        result = _train(model, steps, loss_fn, len(inputs), cfg)
+        result = _train(model, steps, loss_fn, len(data.calib_inputs), cfg)
     finally:
         finals = {n: _swap_out(model, n) for n in names}
     before = sum(codebooks.tensors[n].index_count for n in names)
