@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..codebook import Codebooks
+from ..errors import BadInputError, Option
 from ..records import Record
 from ..tying import FinetuneConfig, TieConfig, TiePlan
 from ..tying.assign import AssignResult, assign_, resolve_method
@@ -49,6 +50,17 @@ def takes_quality_path(cfg: TieConfig, data, examples, reference) -> bool:
     """Whether `tie` runs `assign_` instead of the plain merge (see the module docstring)."""
     method = resolve_method(cfg.method, _calibration(data, examples, reference)[0])
     return method != "nearest" or cfg.dim > 1 or cfg.outliers > 0 or cfg.budget is not None
+
+
+def refuse_quality_options(cfg: TieConfig, what: str) -> None:
+    """Refuse settings only the in-memory path carries out, naming them (never ignore them silently)."""
+    asked = [o for o, on in ((Option("method", "compensated"), cfg.method == "compensated"),
+                             (Option("dim", cfg.dim), cfg.dim > 1), (Option("outliers"), cfg.outliers > 0),
+                             (Option("budget", cfg.budget), cfg.budget is not None)) if on]
+    if asked:
+        parts = [p for o in asked for p in (o, ", ")][:-1]
+        raise BadInputError(f"{what} is tied tensor by tensor with nearest assignment; ", *parts,
+                            " need the whole model in memory (a .pt2, or a .safetensors file without streaming)")
 
 
 def quality_notes(run: QualityRun | None, cfg: TieConfig, reference) -> list[str]:

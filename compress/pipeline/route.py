@@ -19,6 +19,7 @@ from ..errors import BadInputError, Option
 from ..export.report import ExportReport
 from ..io import is_safetensors_checkpoint, load, load_data
 from ..tying import FinetuneConfig, TieConfig
+from .assign import refuse_quality_options
 from .checkpoint import StreamResult, output_dir_for, tie_checkpoint
 from .onnx import tie_onnx
 from .tie import DEFAULT_OUT_DIR, ExportOptions, TieResult, tie
@@ -47,6 +48,8 @@ def tie_file(path: str | Path, cfg: TieConfig | None = None, *, out_dir: str | P
     if data is None and finetune is not None and (finetune.epochs or 0) > 0:
         raise BadInputError("fine-tuning (", Option("epochs"), ") needs calibration data (", Option("data"), ")")
     how = route(path, data=data, stream=stream)
+    if how != "model":
+        refuse_quality_options(cfg, "an ONNX file" if how == "onnx" else "a streamed checkpoint")
     if how == "onnx":
         return tie_onnx(path, Path(out_dir) / (path.name[: -len(path.suffix)] + ".tied.onnx"), cfg, force=force)
     if how == "checkpoint":

@@ -118,6 +118,7 @@ def assign_(model: nn.Module, plan: TiePlan, cfg: TieConfig | None = None, batch
     specs = _specs(plan, cfg, result.notes)
     tied = {t.name for t in plan.ties} | {t.target for t in plan.ties}
     params = {s.name: live_parameter(model, s.name) for s in specs.values()}
+    fitted: dict[tuple, torch.Tensor] = {}  # shared values fitted while measuring, used again to merge
     observed: dict[str, str] = {}
     if method == "compensated":
         census = observe.Census.of(model, {n: p for n, p in params.items() if n not in tied}, batches)
@@ -127,16 +128,16 @@ def assign_(model: nn.Module, plan: TiePlan, cfg: TieConfig | None = None, batch
     if announce is not None:
         announce(_plan_text(specs, observed, batches, cfg, model))
     if cfg.budget is not None:
-        result.allocation = _allocate(model, specs, params, observed, batches, cfg)
+        result.allocation = _allocate(model, specs, params, observed, batches, cfg, fitted)
         specs = {n: s if s.fixed else s.with_bits(result.allocation.bits[n]) for n, s in specs.items()}
     out = Codebooks()
     for name, spec in specs.items():
         if name not in observed:
             result.tensors.setdefault(name, "nearest")
-            out.tensors[name] = _merge_nearest(model, spec, cfg)
+            out.tensors[name] = _merge_nearest(model, spec, cfg, fitted)
     if observed:
         def handle(name: str, h: torch.Tensor) -> torch.Tensor:
-            out.tensors[name] = _compensated(specs[name], params[name], h, cfg)
+            out.tensors[name] = _compensated(specs[name], params[name], h, cfg, fitted)
             result.tensors[name] = "compensated"
             return out.tensors[name].decode()
 
@@ -187,31 +188,37 @@ def _plan_text(specs: dict[str, _Spec], observed: dict, batches, cfg: TieConfig,
     return what + "".join(f", {e}" for e in extras if e)
 
 
-def _tables(spec: _Spec, w2: torch.Tensor, weights: torch.Tensor | None, cfg: TieConfig) -> torch.Tensor:
-    """Per-row tables [rows, K, dim] for `w2`, from the plan's centres or a new fit."""
+def _tables(spec: _Spec, w2: torch.Tensor, weights: torch.Tensor | None, fitted: dict | None = None
+            ) -> torch.Tensor:
+    """Per-row tables [rows, K, dim] for `w2`, from the plan's centres, a fit made before, or a new fit."""
     grain = spec.plan.grain
+    key = (spec.name, spec.k, spec.dim, weights is None)
     if spec.dim == 1 and weights is None and spec.k == spec.plan.k:
         centers = spec.plan.centers_tensor()
+    elif fitted is not None and key in fitted:
+        centers = fitted[key]
     else:
         centers = fit_tables(w2, grain, spec.k, spec.dim, weights)
+        if fitted is not None:
+            fitted[key] = centers
     rows = grain.group_of_rows(w2.shape[0])
     centers = centers if spec.dim > 1 else centers.unsqueeze(-1)
     return centers[rows]
 
 
-def _merge_nearest(model: nn.Module, spec: _Spec, cfg: TieConfig) -> TensorCodebook:
+def _merge_nearest(model: nn.Module, spec: _Spec, cfg: TieConfig, fitted: dict) -> TensorCodebook:
     w = current_weight(model, spec.name)
     w2 = spec.matrix(w).double()
-    tables = _tables(spec, w2, None, cfg)
+    tables = _tables(spec, w2, None, fitted)
     cb = _codebook(spec, w, tables, assign_nearest(w2, tables, cfg.outliers))
     attach_codebook_(model, cb)
     return cb
 
 
-def _compensated(spec: _Spec, w: torch.Tensor, h: torch.Tensor, cfg: TieConfig) -> TensorCodebook:
+def _compensated(spec: _Spec, w: torch.Tensor, h: torch.Tensor, cfg: TieConfig, fitted: dict) -> TensorCodebook:
     w2 = spec.matrix(w).double()
     weights = torch.diagonal(h).clamp_min(0).expand_as(w2)
-    tables = _tables(spec, w2, weights, cfg)
+    tables = _tables(spec, w2, weights, fitted)
     return _codebook(spec, w, tables, assign_compensated(w2, h, tables, outliers=cfg.outliers))
 
 
@@ -243,7 +250,7 @@ def _update_plan(plan: TiePlan, codebooks: Codebooks, how: dict[str, str]) -> No
 # --- the budget -------------------------------------------------------------------------------------
 
 def _allocate(model: nn.Module, specs: dict[str, _Spec], params: dict[str, torch.Tensor], observed: dict,
-              batches, cfg: TieConfig) -> Allocation:
+              batches, cfg: TieConfig, fitted: dict) -> Allocation:
     """Measure each tensor's output error at each candidate width; choose the bits within the budget.
 
     Its own layer's error at each width comes from the assignment itself (tr(ΔW H ΔWᵀ), H observed on
@@ -257,7 +264,7 @@ def _allocate(model: nn.Module, specs: dict[str, _Spec], params: dict[str, torch
     at_base: dict[str, torch.Tensor] = {}
 
     def measure(name: str, h: torch.Tensor | None) -> None:
-        local[name], at_base[name] = _local_errors(specs[name], params[name], h, costs[name], base, cfg)
+        local[name], at_base[name] = _local_errors(specs[name], params[name], h, costs[name], base, cfg, fitted)
 
     for name in specs:
         if name not in observed:
@@ -295,15 +302,15 @@ def _cost(spec: _Spec, cfg: TieConfig) -> int:
     return cost_bits(count, spec.bits, spec.dim, groups, value_bits, outliers)
 
 
-def _local_errors(spec: _Spec, param: torch.Tensor, h, costs: dict[int, int], base: int, cfg: TieConfig
-                  ) -> tuple[dict[int, float], torch.Tensor]:
+def _local_errors(spec: _Spec, param: torch.Tensor, h, costs: dict[int, int], base: int, cfg: TieConfig,
+                  fitted: dict) -> tuple[dict[int, float], torch.Tensor]:
     """The layer's own output error at each width in `costs`, and its tied value at the width nearest `base`."""
     w2 = spec.matrix(param).double()
     weights = None if h is None else torch.diagonal(h).clamp_min(0).expand_as(w2)
     local, nearest_base = {}, None
     for b in sorted(costs, key=lambda b: abs(b - base)):
         s = spec if spec.fixed else spec.with_bits(b)
-        tables = _tables(s, w2, weights, cfg)
+        tables = _tables(s, w2, weights, fitted)
         a = assign_nearest(w2, tables, cfg.outliers) if h is None else \
             assign_compensated(w2, h, tables, outliers=cfg.outliers, sweeps=0)  # the greedy pass ranks widths
         local[b] = max(a.loss, 1e-30)

@@ -347,3 +347,15 @@ def test_tie_on_a_sharded_checkpoint_streams_into_sharded_outputs(tmp_path):
     merged = load_sharded(out_index)
     assert merged["l1.weight"].unique().numel() <= 4 and merged["l2.weight"].unique().numel() <= 4
     assert torch.equal(merged["l2.bias"], shards["b.safetensors"]["l2.bias"])
+
+
+def test_quality_options_on_a_streamed_checkpoint_are_refused_not_ignored(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"l.weight": torch.randn(64, 64)}, str(tmp_path / "m.safetensors"))
+    result = _run(str(tmp_path / "m.safetensors"), "--stream", "--dim", "2", "--outliers", "1%",
+                  "-o", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == (
+        "error: a streamed checkpoint is tied tensor by tensor with nearest assignment; --dim 2, --outliers need "
+        "the whole model in memory (a .pt2, or a .safetensors file without streaming)")
