@@ -5,6 +5,9 @@ For 8, 4, 3, 2 and 1 bits per weight, the held-out accuracy of:
 - `ours ptq`: `analyze` + `merge_` (1D k-means per tensor, no training);
 - `ours soft pairwise` / `ours soft mixture`: `finetune_` (soft tying, then hard merge, then the
   codebooks tuned) with the same number of epochs in total as the peer gets;
+- `ours refine`: what `compress tie --data` does by default: error-compensated assignment (`assign_`)
+  on the calibration split, then `refine_` (latent weights and shared values trained through the merged
+  model, assignments free to move) for the same number of epochs as the peer;
 - `cml ptq`: coremltools 9.0 `PostTrainingPalettizer`, per tensor;
 - `cml dkm`: coremltools `DKMPalettizer`, fine-tuned with Adam on the same data, batches and epochs.
 
@@ -159,14 +162,27 @@ def cml_dkm(model: nn.Module, bits: int, data, epochs: int) -> str:
     return f"{epochs} epochs, lr {PEER_LR:g}"
 
 
+def ours_refine(model: nn.Module, bits: int, data, epochs: int) -> str:
+    from dataclasses import replace
+
+    from compress.tying import RefineConfig, analyze, assign_, batches_of, refine_
+
+    cfg = replace(tie_config(model, bits), method="compensated")
+    result = assign_(model, analyze(model, cfg), cfg, batches_of(data.calib_inputs[:1024]))
+    rc = RefineConfig(epochs=epochs, batch_size=BATCH, seed=SEED)
+    refine_(model, result.codebooks, data, rc)
+    return f"compensated + {epochs} epochs, lr {rc.lr:g} / {rc.codebook_lr:g} of the gap between shared values"
+
+
 METHODS = {
-    "ours ptq": ("compress.plan", ours_ptq),
-    "ours soft pairwise": ("compress.finetune", ours_soft("pairwise")),
-    "ours soft mixture": ("compress.finetune", ours_soft("mixture")),
+    "ours ptq": ("compress.tying.plan", ours_ptq),
+    "ours soft pairwise": ("compress.tying.finetune", ours_soft("pairwise")),
+    "ours soft mixture": ("compress.tying.finetune", ours_soft("mixture")),
+    "ours refine": ("compress.tying.refine", ours_refine),
     "cml ptq": (None, cml_ptq),
     "cml dkm": (None, cml_dkm),
 }
-FINETUNED = ("ours soft pairwise", "ours soft mixture", "cml dkm")
+FINETUNED = ("ours soft pairwise", "ours soft mixture", "ours refine", "cml dkm")
 
 
 def run_one(name: str, base: nn.Module, method: str, bits: int, data, epochs: int) -> Row:
@@ -240,17 +256,22 @@ def plot(rows: list[Row], fp32: dict[str, float], methods: list[str]):
 
 
 def targets(rows: list[Row], fp32: dict[str, float]) -> list[C.Target]:
-    best = [r for r in rows if r.model == "mlp" and r.bits == 1 and r.method.startswith("ours soft")
-            and not math.isnan(r.accuracy)]
+    best = [r for r in rows if r.model == "mlp" and r.bits == 1 and r.method in FINETUNED
+            and r.method.startswith("ours") and not math.isnan(r.accuracy)]
     dkm = next((r for r in rows if r.model == "mlp" and r.bits == 1 and r.method == "cml dkm"), None)
     goal = "digits MLP at 1 bit within 0.5 pt of fp32, same fine-tuning epochs as the peer"
     if not best:
-        return [C.Target("digits MLP 1 bit", goal, "not run", None, "soft tying did not run")]
+        return [C.Target("digits MLP 1 bit", goal, "not run", None, "fine-tuning did not run")]
     r = max(best, key=lambda r: r.accuracy)
     gap = fp32["mlp"] - r.accuracy
     peer = f"; cml dkm {dkm.accuracy:.2f}%" if dkm else ""
-    return [C.Target("digits MLP 1 bit", goal, f"{r.method}: {r.accuracy:.2f}% vs fp32 {fp32['mlp']:.2f}% "
-                     f"({gap:.2f} pt below){peer}" if gap >= 0 else f"({-gap:.2f} pt above){peer}", gap <= 0.5)]
+    where = f"({gap:.2f} pt below){peer}" if gap >= 0 else f"({-gap:.2f} pt above){peer}"
+    out = [C.Target("digits MLP 1 bit", goal, f"{r.method}: {r.accuracy:.2f}% vs fp32 {fp32['mlp']:.2f}% {where}",
+                    gap <= 0.5)]
+    if dkm is not None and not math.isnan(dkm.accuracy):
+        out.append(C.Target("digits MLP 1 bit vs DKM", "digits MLP at 1 bit >= coremltools DKM, the peer's 10 epochs",
+                            f"{r.method}: {r.accuracy:.2f}% vs cml dkm {dkm.accuracy:.2f}%", r.accuracy >= dkm.accuracy))
+    return out
 
 
 def main() -> int:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import click
 
+from compress.errors import BadInputError, Option
 from compress.granularity import KINDS
-from compress.tying import PRIORS, FinetuneConfig
+from compress.tying import METHODS, PRIORS, FinetuneConfig
 
 FLAGS = {"path": "PATH", "data": "--data", "onnx": "--onnx", "safetensors": "--safetensors", "ort": "--ort", "out_dir": "--out-dir", "config": "--config",
          "reference": "--reference", "original": "--original"}
@@ -58,8 +59,10 @@ out_dir = click.option("-o", "--out-dir", type=_path(file_okay=False), default=P
 bits = click.option("--bits", type=int, default=None,
                     help="Index bits per weight, 1..8 (K = 2**bits shared values); default 4. Flags set the "
                          "global values: by_type/by_name overrides in --config still apply on top.")
-granularity = click.option("--granularity", type=click.Choice(KINDS), default=None,
-                           help="One codebook per tensor (default), per output channel, or per group of channels.")
+granularity = click.option("--granularity", type=click.Choice([*KINDS, "auto"]), default=None,
+                           help="One codebook per tensor, per output channel, per group of channels, or auto "
+                                "(default): for matrices of >= 65,536 weights the smallest groups of 16, 32, 64, ... "
+                                "channels whose codebooks cost < 0.1 bits per weight more, else per tensor.")
 group_size = click.option("--group-size", type=int, default=None, help="Channels per codebook for --granularity group.")
 epochs = click.option("--epochs", type=int, default=None,
                       help=f"Soft-tying epochs with --data (default: enough for {FinetuneConfig.min_steps} steps, "
@@ -99,6 +102,34 @@ input_shape = click.option(
 strict = click.option("--strict", is_flag=True,
                       help="Exit 1 when an export stores a tied tensor dense or its indices wider than planned "
                            "(the files are kept).")
+method = click.option("--method", type=click.Choice(METHODS), default=None,
+                      help="How weights are assigned to the shared values: compensated (each assignment's output "
+                           "error is passed on to the weights not yet assigned, from calibration inputs observed "
+                           "layer by layer: --data, else the model's example inputs), nearest (each weight to its "
+                           "nearest value, today's behaviour), or auto (default: compensated when there are inputs).")
+dim = click.option("--dim", type=int, default=None,
+                   help="1, 2 or 4: share runs of DIM consecutive weights (vector codebooks, K = 2**(bits*dim) "
+                        "vectors, one index of bits*dim bits per run). Default 1.")
+
+
+def _percent(ctx, param, value: str | None) -> float | None:
+    if value is None:
+        return None
+    text = value.strip().removesuffix("%")
+    try:
+        share = float(text) / 100
+    except ValueError:
+        raise BadInputError(Option("outliers", value), " is not a percentage (e.g. 0.5%)") from None
+    return share
+
+
+outliers = click.option("--outliers", callback=_percent, default=None, metavar="PERCENT",
+                        help="Keep this share of each tied tensor's weights exactly (e.g. 0.5%), the ones the "
+                             "shared values fit worst, in a sparse side tensor counted in the bits per weight.")
+budget = click.option("--budget", type=float, default=None, metavar="BITS",
+                      help="Average bits per tied weight (codebooks, indices and outliers counted): bits per "
+                           "tensor are chosen from the output error each tensor causes at each width; never "
+                           "exceeded. The report lists the bits chosen.")
 stream = click.option("--stream", is_flag=True,
                       help="Tie a .safetensors file tensor by tensor (always on for *.safetensors.index.json).")
 

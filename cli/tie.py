@@ -32,6 +32,10 @@ from .output import emit, print_export, print_verification, with_flags
 @options.prior
 @options.zero_component
 @options.importance
+@options.method
+@options.dim
+@options.outliers
+@options.budget
 @options.exclude
 @options.include
 @options.config
@@ -52,7 +56,8 @@ from .output import emit, print_export, print_verification, with_flags
 @options.json_out
 def command(model: Path, out_dir: Path, bits: int | None, tolerance: float | None, granularity: str | None,
             group_size: int | None, data_path: Path | None, epochs: int | None, strength: float | None,
-            prior: str, zero_component: bool, importance: bool, exclude: tuple[str, ...],
+            prior: str, zero_component: bool, importance: bool, method: str | None, dim: int | None,
+            outliers: float | None, budget: float | None, exclude: tuple[str, ...],
             include: tuple[str, ...], config_path: Path | None, seed: int, nproc: int, fsdp: bool, no_onnx: bool,
             no_safetensors: bool, no_verify: bool, provider: str, atol: float, workers: int | None, stream: bool,
             input_shapes: tuple[str, ...], strict: bool, force: bool, trust_pickle: bool, json_path: str | None) -> None:
@@ -65,7 +70,8 @@ def command(model: Path, out_dir: Path, bits: int | None, tolerance: float | Non
     """
     specs = parse_input_shapes(input_shapes)  # a bad spec fails before any work
     cfg = TieConfig.layered(config_path, source="command line", bits=bits, tolerance=tolerance, granularity=granularity,
-                            group_size=group_size, importance=importance, exclude=exclude, include=include)
+                            group_size=group_size, importance=importance, exclude=exclude, include=include,
+                            method=method, dim=dim, outliers=outliers, budget=budget)
     finetune = FinetuneConfig(epochs=epochs, strength=FinetuneConfig.strength if strength is None else strength,
                               prior=prior, zero_component=zero_component, seed=seed, fsdp=fsdp,
                               codebook_epochs=0 if epochs == 0 else FinetuneConfig.codebook_epochs)

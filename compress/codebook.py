@@ -5,6 +5,11 @@ integer `indices` tensor with the weight's shape. Decoding is one gather:
 
     weight = codebook.reshape(-1)[indices + group_of_row * K]
 
+A vector codebook (`dim` 2 or 4) shares runs of `dim` consecutive weights along the last axis: the
+codebook is [groups, K, dim], the indices have the weight's shape with the last axis divided by
+`dim`, and the gather reads rows of `codebook.reshape(-1, dim)`. Optional outliers (`outlier_index`,
+flat positions in the weight, and `outlier_value`) are written over the decoded weight.
+
 `Codebooks` is what `merge_` returns and what the exporters consume; it round-trips through JSON
 (`to_dict`/`from_dict`, tensors written as lists) so it can ride inside safetensors metadata.
 `CodebookParametrization` makes a module *store* a codebook instead of its dense weight, so the
@@ -30,6 +35,8 @@ FILE_FORMAT = "codebook"  # `compress.format` in the metadata of the codebook sa
 FILE_FORMAT_VERSION = 1
 _MAX_DIM = 1 << 48
 _MAX_RANK = 64
+FILE_FORMAT_VERSIONS = ("1", "2")  # 2: a recipe may have vector codebooks (`dim`) or outliers
+VECTOR_DIMS = (1, 2, 4)
 
 
 def bits_for(k: int) -> int:
@@ -57,9 +64,24 @@ def _codebook_from(value, d) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float64).to(dtype)
 
 
+def index_shape(shape: tuple[int, ...], dim: int = 1) -> tuple[int, ...]:
+    """Shape of the indices of a weight of `shape` whose runs of `dim` last-axis values share one index."""
+    if dim == 1 or not shape:
+        return tuple(shape)
+    return (*shape[:-1], shape[-1] // dim)
+
+
 def _indices_from(value, d) -> torch.Tensor:
-    shape = tuple(int(s) for s in d["shape"])
+    shape = index_shape(tuple(int(s) for s in d["shape"]), int(d.get("dim", 1)))
     return torch.tensor(value, dtype=torch.int64).reshape(shape).to(index_dtype(int(d.get("k", 256))))
+
+
+def _outlier_index_from(value, d) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.int64).to(torch.int32)
+
+
+def _outlier_value_from(value, d) -> torch.Tensor:
+    return _codebook_from(value, d)
 
 
 @dataclass
@@ -67,7 +89,10 @@ class TensorCodebook(Record):
     """One merged tensor: `codebook` [groups, K] in the weight's dtype, `indices` with its shape.
 
     `granularity` ("tensor", "channel", "group") and `group_size` say which codebook row each
-    first-axis row of the weight reads (see `grain`).
+    first-axis row of the weight reads (see `grain`). With `dim` > 1 the codebook is
+    [groups, K, dim] and each index covers `dim` consecutive values of the last axis (`index_shape`).
+    `outlier_index` (int32 flat positions) and `outlier_value` are exact values written over the
+    decoded weight (None: no outliers).
     """
 
     name: str
@@ -76,6 +101,10 @@ class TensorCodebook(Record):
     codebook: torch.Tensor = field(metadata=codec(_tensor_list, _codebook_from))
     indices: torch.Tensor = field(metadata=codec(lambda t: t.reshape(-1).tolist(), _indices_from))
     group_size: int | None = None
+    dim: int = 1
+    outlier_index: torch.Tensor | None = field(default=None, metadata=codec(lambda t: t.tolist(),
+                                                                            _outlier_index_from))
+    outlier_value: torch.Tensor | None = field(default=None, metadata=codec(_tensor_list, _outlier_value_from))
 
     _what = "codebook"
     _derived = ("k", "bits", "dtype")
@@ -86,11 +115,29 @@ class TensorCodebook(Record):
 
     @property
     def k(self) -> int:
-        return int(self.codebook.shape[-1])
+        return int(self.codebook.shape[1] if self.codebook.dim() > 1 else self.codebook.shape[-1])
 
     @property
     def bits(self) -> int:
+        """Bits per index (an index covers `dim` weights)."""
         return bits_for(self.k)
+
+    @property
+    def index_shape(self) -> tuple[int, ...]:
+        return index_shape(self.shape, self.dim)
+
+    @property
+    def index_count(self) -> int:
+        return math.prod(self.index_shape)
+
+    @property
+    def outlier_count(self) -> int:
+        return 0 if self.outlier_index is None else int(self.outlier_index.numel())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight: indices at their packed width, the codebook and the outliers counted."""
+        return 8 * self.packed_bytes() / self.numel if self.numel else 0.0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -101,21 +148,57 @@ class TensorCodebook(Record):
         return math.prod(self.shape)
 
     def decode(self) -> torch.Tensor:
-        """The dense merged tensor (exactly the shared values, no rounding)."""
-        offsets = self.grain.row_offsets(self.shape, self.k)
-        flat = self.codebook.reshape(-1)
-        return flat[(self.indices.long() + offsets).reshape(-1)].reshape(self.shape)
+        """The dense merged tensor (exactly the shared values and outliers, no rounding)."""
+        return decode_tensor(self.codebook, self.indices, self.shape, self.grain, self.dim, self.outlier_index,
+                             self.outlier_value)
+
+    @property
+    def outlier_bytes(self) -> int:
+        """Bytes of the outliers: an int32 position and a value each."""
+        return self.outlier_count * (4 + self.outlier_value.element_size()) if self.outlier_count else 0
 
     def packed_bytes(self) -> int:
-        """Bytes the ideal storage takes: n*bits/8 for indices plus the codebook."""
-        return math.ceil(self.numel * self.bits / 8) + self.codebook.numel() * self.codebook.element_size()
+        """Bytes the ideal storage takes: indices at `bits` each, the codebook, the outliers."""
+        return (math.ceil(self.index_count * self.bits / 8) + self.codebook.numel() * self.codebook.element_size()
+                + self.outlier_bytes)
 
     def to_dict(self, with_tensors: bool = True) -> dict:
         d = super().to_dict()
         d["dtype"] = str(self.dtype).removeprefix("torch.")
+        for key, default in (("dim", 1), ("outlier_index", None), ("outlier_value", None)):
+            if d.get(key) == default:  # the scalar form stays as it was written before vectors existed
+                del d[key]
         if not with_tensors:
-            del d["codebook"], d["indices"]
+            for key in ("codebook", "indices", "outlier_index", "outlier_value"):
+                d.pop(key, None)
         return d
+
+    @classmethod
+    def _validate(cls, kw: dict, where: str) -> None:
+        check_layout(kw["name"], tuple(kw["shape"]), kw.get("dim", 1), where)
+        if (kw.get("outlier_index") is None) != (kw.get("outlier_value") is None):
+            raise BadInputError(f"{where}: `{kw['name']}` needs both outlier_index and outlier_value, or neither")
+
+
+def check_layout(name: str, shape: tuple[int, ...], dim: int, where: str) -> None:
+    """Refuse a vector length that is not 1, 2 or 4, or one the last axis of `shape` does not divide."""
+    if dim not in VECTOR_DIMS:
+        raise BadInputError(f"{where}: `{name}` has dim {dim}; use one of {', '.join(map(str, VECTOR_DIMS))}")
+    if dim > 1 and (not shape or shape[-1] % dim):
+        raise BadInputError(f"{where}: `{name}` has shape {list(shape)}, whose last axis does not divide by dim {dim}")
+
+
+def decode_tensor(codebook: torch.Tensor, indices: torch.Tensor, shape: tuple[int, ...], grain: Granularity,
+                  dim: int = 1, outlier_index: torch.Tensor | None = None,
+                  outlier_value: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense tensor of `shape` that a codebook, its indices and optional outliers describe."""
+    k = codebook.shape[1] if codebook.dim() > 1 else codebook.shape[-1]
+    offsets = grain.row_offsets(tuple(indices.shape), k)
+    table = codebook.reshape(-1, dim) if dim > 1 else codebook.reshape(-1)
+    dense = table[(indices.long() + offsets).reshape(-1)].reshape(shape)
+    if outlier_index is not None and outlier_index.numel():
+        dense = dense.reshape(-1).index_put((outlier_index.long(),), outlier_value.to(dense.dtype)).reshape(shape)
+    return dense
 
 
 @dataclass
@@ -162,11 +245,18 @@ class Recipe(Record):
     dtype: str
     granularity: str
     group_size: int | None = None
+    dim: int = 1
+    outliers: int = 0
+    outlier_index: str | None = None
+    outlier_value: str | None = None
 
     _what = "codebook recipe"
 
     @classmethod
     def _validate(cls, kw: dict, where: str) -> None:
+        check_layout(kw["indices"], tuple(kw["shape"]), kw.get("dim", 1), where)
+        if kw.get("outliers", 0) and (kw.get("outlier_index") is None or kw.get("outlier_value") is None):
+            raise BadInputError(f"{where}: {kw.get('outliers')} outliers need 'outlier_index' and 'outlier_value'")
         if not 1 <= kw["bits"] <= 16 or not 1 <= kw["k"] <= 1 << kw["bits"]:
             raise BadInputError(f"{where}: bits {kw['bits']} and k {kw['k']} do not fit (1 <= k <= 2**bits, "
                                 "bits <= 16)")
@@ -183,22 +273,43 @@ class Recipe(Record):
     def grain(self) -> Granularity:
         return Granularity.of(self.granularity, self.group_size)
 
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        for key, default in (("dim", 1), ("outliers", 0), ("outlier_index", None), ("outlier_value", None)):
+            if d[key] == default:  # scalar recipes are written as before vectors and outliers existed
+                del d[key]
+        return d
+
 
 class CodebookParametrization(nn.Module):
-    """Parametrization whose `original` is the codebook [groups, K]; it holds the indices as a buffer."""
+    """Parametrization whose `original` is the codebook [groups, K] (or [groups, K, dim]); it holds the
+    indices as a buffer, and the outliers (`outlier_index`, `outlier_value`) when there are any."""
 
     def __init__(self, indices: torch.Tensor, shape: tuple[int, ...], granularity: str,
-                 group_size: int | None, k: int):
+                 group_size: int | None, k: int, dim: int = 1, outlier_index: torch.Tensor | None = None,
+                 outlier_value: torch.Tensor | None = None):
         super().__init__()
         self.shape = tuple(shape)
         self.granularity = granularity
         self.group_size = group_size
+        self.dim = dim
         self.register_buffer("index", indices)
         grain = Granularity.of(granularity, group_size)
-        self.register_buffer("offset", grain.row_offsets(self.shape, k), persistent=False)
+        self.register_buffer("offset", grain.row_offsets(index_shape(self.shape, dim), k), persistent=False)
+        self.outliers = outlier_index is not None
+        if self.outliers:
+            self.register_buffer("outlier_index", outlier_index)
+            self.register_buffer("outlier_value", outlier_value)
 
     def forward(self, codebook: torch.Tensor) -> torch.Tensor:
-        return codebook.reshape(-1)[self.index.long() + self.offset]
+        if self.dim == 1 and not self.outliers:
+            return codebook.reshape(-1)[self.index.long() + self.offset]
+        table = codebook.reshape(-1, self.dim) if self.dim > 1 else codebook.reshape(-1)
+        dense = table[self.index.long() + self.offset].reshape(self.shape)
+        if self.outliers:
+            flat = dense.reshape(-1).index_put((self.outlier_index.long(),), self.outlier_value.to(dense.dtype))
+            dense = flat.reshape(self.shape)
+        return dense
 
     def right_inverse(self, codebook: torch.Tensor) -> torch.Tensor:
         return codebook
@@ -217,7 +328,8 @@ def attach_codebook_(model: nn.Module, cb: TensorCodebook) -> None:
         raise BadInputError(f"`{cb.name}` has shape {tuple(current.shape)}, codebook expects {cb.shape}")
     if parametrize.is_parametrized(module, attr):
         parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
-    p = CodebookParametrization(cb.indices, cb.shape, cb.granularity, cb.group_size, cb.k)
+    p = CodebookParametrization(cb.indices, cb.shape, cb.granularity, cb.group_size, cb.k, cb.dim,
+                                cb.outlier_index, cb.outlier_value)
     # register with the codebook as the new original: unsafe because shapes differ.
     with torch.no_grad():
         module._parameters[attr] = nn.Parameter(cb.codebook.clone(), requires_grad=current.requires_grad)

@@ -3,8 +3,9 @@
 Recovery is for models whose parametrization objects are gone.
 
 A merged model saved with `torch.export.save` and loaded back (`program.module()`) keeps the storage
-names `<mod>.parametrizations.<attr>.original` (the codebook [groups, K]) and
-`<mod>.parametrizations.<attr>.0.index` (indices with the weight's shape), but not the
+names `<mod>.parametrizations.<attr>.original` (the codebook [groups, K], or [groups, K, dim] for a
+vector codebook), `<mod>.parametrizations.<attr>.0.index` (indices with the weight's shape, the last
+axis divided by dim) and, with outliers, `.0.outlier_index` and `.0.outlier_value`, but not the
 `CodebookParametrization` that says how to decode them. The granularity is inferred from the
 codebook's rows: 1 -> "tensor", shape[0] -> "channel", otherwise "group" with
 `group_size = ceil(shape[0] / groups)` (the convention `merge_` uses; checked for consistency).
@@ -25,11 +26,11 @@ from .errors import BadInputError
 _ORIGINAL = re.compile(r"^(?:(?P<mod>.+)\.)?parametrizations\.(?P<attr>[^.]+)\.original$")
 
 
-def storage_names(name: str) -> tuple[str, str]:
-    """State-dict keys of the codebook and the index of merged parameter `name`."""
+def storage_names(name: str) -> tuple[str, str, str, str]:
+    """State-dict keys of the codebook, the index and the outliers (index, value) of merged parameter `name`."""
     mod, _, attr = name.rpartition(".")
     prefix = f"{mod}.parametrizations.{attr}" if mod else f"parametrizations.{attr}"
-    return f"{prefix}.original", f"{prefix}.0.index"
+    return f"{prefix}.original", f"{prefix}.0.index", f"{prefix}.0.outlier_index", f"{prefix}.0.outlier_value"
 
 
 def codebooks_from_state_dict(state: Mapping[str, torch.Tensor] | nn.Module | torch.export.ExportedProgram
@@ -46,8 +47,9 @@ def codebooks_from_state_dict(state: Mapping[str, torch.Tensor] | nn.Module | to
     """
     module = state if isinstance(state, nn.Module) else None
     graph = getattr(state, "graph", None)
+    constants = {}
     if isinstance(state, torch.export.ExportedProgram):
-        state = state.state_dict
+        state, constants = state.state_dict, state.constants
     elif module is not None:
         state = module.state_dict(keep_vars=True)
     cbs = Codebooks()
@@ -56,10 +58,13 @@ def codebooks_from_state_dict(state: Mapping[str, torch.Tensor] | nn.Module | to
         if not match:
             continue
         name = f"{match['mod']}.{match['attr']}" if match["mod"] else match["attr"]
-        index_key = storage_names(name)[1]
+        _, index_key, oi_key, ov_key = storage_names(name)
         if index_key not in state:
             continue  # some other parametrization (weight norm, ...): not a codebook
-        cbs.tensors[name] = _tensor_codebook(name, codebook.detach(), state[index_key].detach())
+        outliers = (state[oi_key].detach(), state[ov_key].detach()) if oi_key in state and ov_key in state else None
+        group_size = _group_size(module, constants, index_key.removesuffix(".index"))
+        cbs.tensors[name] = _tensor_codebook(name, codebook.detach(), state[index_key].detach(), outliers,
+                                             group_size)
     _add_shared_storage_aliases(state, cbs)
     if module is not None:
         _mark_transposed(module, cbs)
@@ -94,33 +99,71 @@ def _mark_transposed(module: nn.Module, cbs: Codebooks) -> None:
                 cbs.aliases[name].transpose = True
 
 
-def _tensor_codebook(name: str, codebook: torch.Tensor, index: torch.Tensor) -> TensorCodebook:
-    if codebook.dim() != 2 or index.dtype.is_floating_point:
+def _group_size(module: nn.Module | None, constants: Mapping, step: str) -> int | None:
+    """The group size the parametrization `step` (`...parametrizations.<attr>.0`) was built with, where the
+    model says it: the live module's, or a program's row offsets (a group's rows share offset g * K).
+
+    Several group sizes can give the same number of groups (1,000 rows in 16 groups: 63 to 66), so the
+    codebook's shape alone cannot tell.
+    """
+    if module is not None:
+        try:
+            return getattr(module.get_submodule(step), "group_size", None)
+        except AttributeError:
+            return None
+    offset = constants.get(f"{step}.offset")
+    if isinstance(offset, torch.Tensor) and offset.dim() and offset.shape[0] > 1:
+        return int((offset.reshape(offset.shape[0], -1)[:, 0] == offset.reshape(-1)[0]).sum())
+    return None
+
+
+def _tensor_codebook(name: str, codebook: torch.Tensor, index: torch.Tensor,
+                     outliers: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     group_size: int | None = None) -> TensorCodebook:
+    if codebook.dim() not in (2, 3) or index.dtype.is_floating_point or (codebook.dim() == 3 and index.dim() == 0):
         raise BadInputError(
-            f"`{name}`: expected a codebook [groups, K] and integer indices, found a {codebook.dim()}-D "
-            f"codebook and {index.dtype} indices; is this a model merged by `compress tie`?"
+            f"`{name}`: expected a codebook [groups, K] (or [groups, K, dim]) and integer indices, found a "
+            f"{codebook.dim()}-D codebook and {index.dtype} indices; is this a model merged by `compress tie`?"
         )
-    shape = tuple(index.shape)
-    groups, k = codebook.shape
-    granularity, group_size = _granularity(name, shape, groups)
+    dim = int(codebook.shape[2]) if codebook.dim() == 3 else 1
+    shape = tuple(index.shape) if dim == 1 else (*index.shape[:-1], int(index.shape[-1]) * dim)
+    groups, k = codebook.shape[:2]
+    granularity, group_size = _granularity(name, shape, groups, group_size)
     if index.numel() and int(index.max()) >= k:
         raise BadInputError(f"`{name}`: index {int(index.max())} is out of range for a codebook of {k} values")
-    return TensorCodebook(name, shape, granularity, codebook.clone(), index.clone(), group_size)
+    oi, ov = outliers if outliers is not None else (None, None)
+    if oi is not None and (oi.numel() != ov.numel() or (oi.numel() and not 0 <= int(oi.min()) <= int(oi.max())
+                                                         < math.prod(shape))):
+        raise BadInputError(f"`{name}`: its outliers do not fit a tensor of shape {list(shape)}")
+    return TensorCodebook(name, shape, granularity, codebook.clone(), index.clone(), group_size, dim,
+                          None if oi is None else oi.clone(), None if ov is None else ov.clone())
 
 
-def _granularity(name: str, shape: tuple[int, ...], groups: int) -> tuple[str, int | None]:
+def _granularity(name: str, shape: tuple[int, ...], groups: int, known: int | None = None
+                 ) -> tuple[str, int | None]:
+    """The granularity of `groups` codebook rows for a tensor of `shape`; the group size `known` from the
+    model, else the smallest that gives `groups` groups (what a bare state_dict allows)."""
     if groups == 1:
         return "tensor", None
     rows = shape[0] if shape else 1
-    if groups == rows:
+    if groups == rows and not known:
         return "channel", None
-    group_size = math.ceil(rows / groups)
+    group_size = known or _likely_group_size(rows, groups)
     if math.ceil(rows / group_size) != groups:
         raise BadInputError(
             f"`{name}`: a codebook of {groups} rows does not fit {rows} output channels "
             f"(no group size gives {groups} groups); the file is not a merged model this version can read"
         )
     return "group", group_size
+
+
+def _likely_group_size(rows: int, groups: int) -> int:
+    """Of the group sizes that cut `rows` into `groups` groups, a power of two (what granularity "auto"
+    and the usual --group-size values give) if one fits, else the smallest."""
+    smallest = math.ceil(rows / groups)
+    largest = (rows - 1) // (groups - 1) if groups > 1 else rows
+    powers = [1 << p for p in range(max(rows, 1).bit_length() + 1) if smallest <= 1 << p <= largest]
+    return powers[0] if powers else smallest
 
 
 def _add_shared_storage_aliases(state: Mapping[str, torch.Tensor], cbs: Codebooks) -> None:
@@ -143,7 +186,7 @@ def _param_name(key: str) -> str:
     match = _ORIGINAL.match(key)
     if match:
         return f"{match['mod']}.{match['attr']}" if match["mod"] else match["attr"]
-    if key.endswith(".0.index") and ".parametrizations." in key:
+    if key.endswith((".0.index", ".0.outlier_index", ".0.outlier_value")) and ".parametrizations." in key:
         mod, _, rest = key.partition(".parametrizations.")
         return f"{mod}.{rest.split('.')[0]}"
     return key

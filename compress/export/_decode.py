@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..codebook import TensorCodebook
 from ..packing import pack_bits, packed_size
+from . import _vector
 
 _NATIVE = ((2, TensorProto.UINT2, "UINT2"), (4, TensorProto.UINT4, "UINT4"), (8, TensorProto.UINT8, "UINT8"),
            (16, TensorProto.UINT16, "UINT16"), (32, TensorProto.INT32, "INT32"))
@@ -71,22 +72,12 @@ def choose_layout(cb: TensorCodebook, packed_overhead: int) -> IndexLayout:
     if cb.bits > 8:
         return IndexLayout(native.onnx_type, native.bits, False, native.label,
                            f"{cb.bits}-bit indices stored as {native.label} (packing is done up to 8 bits)")
-    packed_total = math.ceil(cb.numel / 8) * cb.bits + packed_overhead
-    native_total = packed_size(cb.numel, native.bits)
+    packed_total = math.ceil(cb.index_count / 8) * cb.bits + packed_overhead
+    native_total = packed_size(cb.index_count, native.bits)
     if packed_total < native_total:
         return IndexLayout(TensorProto.UINT8, cb.bits, True, f"packed{cb.bits}")
     return IndexLayout(native.onnx_type, native.bits, False, native.label,
                        f"{cb.bits}-bit indices stored as {native.label}: packing would not be smaller here")
-
-
-@dataclass
-class Decoded:
-    """Nodes and initializers that compute one merged tensor, and what they weigh."""
-
-    nodes: list[onnx.NodeProto]
-    initializers: list[TensorProto]
-    index_name: str
-    codebook_name: str
 
 
 class Constants:
@@ -111,11 +102,13 @@ class Constants:
 class Decoder:
     """The decode of one merged tensor, in three parts that the rewrite places where it needs them.
 
-    - `index(...)`: the flat int32 index into the flattened codebook, with the weight's shape (the
+    - `index(...)`: the flat int32 index into the flattened codebook, with the indices' shape (the
       stored indices unpacked and cast, plus each row's codebook-row offset); layout ops the graph
-      applies to the weight may act on this value instead (`elementwise`);
-    - `table(...)`: the flattened codebook in the weight's dtype;
-    - `gather(...)`: the weight (or a layout of it) from a table and an index.
+      applies to the weight may act on this value instead, when the decode is `elementwise`;
+    - `table(...)`: the flattened codebook in the weight's dtype ([groups * K] values, or
+      [groups * K, dim] vectors);
+    - `lookup(...)`: the weight (or a layout of it) from a table and an index; for vector codebooks
+      and outliers the nodes of `_vector` follow the Gather.
 
     Every decode node of the toolkit is built here.
     """
@@ -125,31 +118,40 @@ class Decoder:
     stored_dtype: torch.dtype  # the codebook's dtype in the file
     codebook_name: str = ""
     index_name: str = ""
+    outlier_names: tuple[str, str] = ("", "")
 
     @property
     def elementwise(self) -> bool:
         """Each element of the weight is read through one index: layout ops commute with the decode."""
-        return True
+        return self.cb.dim == 1 and not self.cb.outlier_count
 
     @property
     def out_dtype(self) -> torch.dtype:
         return self.cb.codebook.dtype
 
     def named(self, namer) -> Decoder:
-        """Name the codebook and index initializers `<tensor>.codebook`, `<tensor>.index` (made unique)."""
+        """Name the initializers `<tensor>.codebook`, `<tensor>.index` (and the outliers'), made unique."""
         self.codebook_name, self.index_name = namer(f"{self.cb.name}.codebook"), namer(f"{self.cb.name}.index")
+        if self.cb.outlier_count:
+            self.outlier_names = (namer(f"{self.cb.name}.outlier_index"), namer(f"{self.cb.name}.outlier_value"))
         return self
 
     def initializers(self) -> list[TensorProto]:
-        """The codebook and the stored indices."""
+        """The codebook, the stored indices and the outliers."""
         cb = self.cb
-        codebook = cb.codebook.detach().to(self.stored_dtype).reshape(-1)
+        codebook = cb.codebook.detach().to(self.stored_dtype)
+        codebook = codebook.reshape(-1, cb.dim) if cb.dim > 1 else codebook.reshape(-1)
         indices = cb.indices.detach().reshape(-1).to(torch.int64).numpy()
         if self.layout.packed:
             index = _packed_tensor(self.index_name, indices, self.layout.bits)
         else:
-            index = _index_tensor(self.index_name, indices, cb.shape, self.layout)
-        return [_from_torch(codebook, self.codebook_name), index]
+            index = _index_tensor(self.index_name, indices, cb.index_shape, self.layout)
+        inits = [_from_torch(codebook, self.codebook_name), index]
+        if cb.outlier_count:  # flat positions (int32) and exact values in the weight's dtype
+            where, values = self.outlier_names
+            inits += [numpy_helper.from_array(cb.outlier_index.to(torch.int32).numpy(), where),
+                      _from_torch(cb.outlier_value.detach().to(cb.codebook.dtype), values)]
+        return inits
 
     def table(self, nodes: list, namer) -> str:
         """The flat codebook in the weight's dtype (a Cast when it is stored narrower)."""
@@ -160,7 +162,7 @@ class Decoder:
         return out
 
     def index(self, nodes: list, consts: Constants, namer, base: int = 0) -> str:
-        """The flat int32 index (shape: the weight's) into the flat codebook, `base` added to every entry."""
+        """The flat int32 index (shape: the indices') into the flat codebook, `base` added to every entry."""
         start = len(nodes)
         idx = self._index(nodes, consts, namer, base)
         for node in nodes[start:]:  # named, so that later passes tell them from layout ops on the index
@@ -170,10 +172,10 @@ class Decoder:
     def _index(self, nodes: list, consts: Constants, namer, base: int) -> str:
         cb = self.cb
         if self.layout.packed:
-            flat = _unpack_nodes(self.index_name, self.layout.bits, cb.numel, nodes, consts, namer)
+            flat = _unpack_nodes(self.index_name, self.layout.bits, cb.index_count, nodes, consts, namer)
             cast = namer("d")
             nodes.append(helper.make_node("Cast", [flat], [cast], to=TensorProto.INT32))
-            idx = _reshape(cast, list(cb.shape), nodes, consts, namer)
+            idx = _reshape(cast, list(cb.index_shape), nodes, consts, namer)
         else:
             idx = namer("d")
             nodes.append(helper.make_node("Cast", [self.index_name], [idx], to=TensorProto.INT32))
@@ -185,24 +187,22 @@ class Decoder:
             idx = out
         return idx
 
+    def lookup(self, table: str, index: str, out: str, nodes: list, consts: Constants, namer) -> None:
+        """Append the nodes computing `out` from a table and an index: the Gather (named
+        `DECODE_NODE:<out>`, so later passes know it for a decode), then for vector codebooks the
+        Reshape to the weight's shape and for outliers their ScatterElements."""
+        if self.elementwise:
+            nodes.append(self.gather(table, index, out))
+            return
+        cb = self.cb
+        gathered = namer("d")
+        nodes.append(self.gather(table, index, gathered))
+        _vector.finish(cb, gathered, out, self.outlier_names, nodes, consts, namer)
+
     @staticmethod
     def gather(table: str, index: str, out: str) -> onnx.NodeProto:
         """The lookup, named `DECODE_NODE:<out>` so later passes (`runtime_form`) know it for a decode."""
         return helper.make_node("Gather", [table, index], [out], axis=0, name=f"{DECODE_NODE}:{out}")
-
-
-def decode_graph(cb: TensorCodebook, layout: IndexLayout, out: str, namer, consts: Constants,
-                 stored_dtype: torch.dtype, out_dtype: torch.dtype | None = None) -> Decoded:
-    """The initializers and nodes that produce `out` (cb's dense value) from cb's codebook + indices.
-
-    Small constants go to `consts`; `Decoded.initializers` holds only the codebook and the indices.
-    """
-    dec = Decoder(cb, layout, stored_dtype).named(namer)
-    inits = dec.initializers()
-    nodes: list[onnx.NodeProto] = []
-    table = dec.table(nodes, namer)
-    nodes.append(dec.gather(table, dec.index(nodes, consts, namer), out))
-    return Decoded(nodes, inits, dec.index_name, dec.codebook_name)
 
 
 def packed_overhead(cb: TensorCodebook) -> int:
@@ -214,9 +214,9 @@ def packed_overhead(cb: TensorCodebook) -> int:
         return f"{cb.name}.{base}{next(names)}"
 
     consts = Constants(namer)
-    flat = _unpack_nodes(f"{cb.name}.index", cb.bits, cb.numel, nodes, consts, namer)
+    flat = _unpack_nodes(f"{cb.name}.index", cb.bits, cb.index_count, nodes, consts, namer)
     nodes.append(helper.make_node("Cast", [flat], [namer("c")], to=TensorProto.INT32))
-    _reshape(nodes[-1].output[0], list(cb.shape), nodes, consts, namer)
+    _reshape(nodes[-1].output[0], list(cb.index_shape), nodes, consts, namer)
     return sum(n.ByteSize() for n in nodes) + sum(t.ByteSize() for t in consts.initializers)
 
 

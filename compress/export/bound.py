@@ -32,9 +32,9 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
 
 
 def merged_bytes(codebooks: Codebooks, codebook_dtype: str = "float32") -> tuple[int, int]:
-    """(packed index bytes, codebook bytes) of every merged tensor; float16 codebooks when asked, else
-    each codebook at its own width."""
-    index = sum(packed_size(cb.numel, cb.bits) for cb in codebooks.tensors.values())
+    """(packed index bytes and outliers, codebook bytes) of every merged tensor; float16 codebooks when
+    asked, else each codebook at its own width."""
+    index = sum(packed_size(cb.index_count, cb.bits) + cb.outlier_bytes for cb in codebooks.tensors.values())
     narrow = CODEBOOK_DTYPES.get(codebook_dtype, torch.float32)
     width = {cb.name: min(cb.codebook.element_size(), torch.tensor([], dtype=narrow).element_size())
              for cb in codebooks.tensors.values()}

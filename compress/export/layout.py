@@ -106,7 +106,8 @@ class _Rewrite:
                 continue
             for name in node.output:
                 if name in exits:
-                    out.append(Decoder.gather(tables[self._find(self.source[name])], index_of[name], name))
+                    root = self._find(self.source[name])
+                    self.decoders[root].lookup(tables[root], index_of[name], name, out, self.consts, self.namer)
         del self.g.node[:]
         self.g.node.extend(out)
         return Placement(dict(self.moved), {v: sorted(self.members[v]) for v in exits})
@@ -198,7 +199,7 @@ def _decode_in_place(sub: onnx.GraphProto, decoders: dict[str, Decoder], namer, 
         dec = decoders[tensor]
         used.add(tensor)
         table = dec.table(out, namer)
-        out.append(dec.gather(table, dec.index(out, consts, namer), node.output[0]))
+        dec.lookup(table, dec.index(out, consts, namer), node.output[0], out, consts, namer)
     del sub.node[:]
     sub.node.extend(out)
     for node in sub.node:

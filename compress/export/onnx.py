@@ -127,8 +127,8 @@ def _check_codebooks(codebooks: Codebooks) -> None:
     for name, cb in codebooks.tensors.items():
         if cb.codebook.dtype not in (torch.float32, torch.float16, torch.float64, torch.bfloat16):
             raise BadInputError(f"`{name}`: codebook dtype {cb.codebook.dtype} is not a float type")
-        if tuple(cb.indices.shape) != tuple(cb.shape):
-            raise BadInputError(f"`{name}`: indices have shape {tuple(cb.indices.shape)}, expected {cb.shape}")
+        if tuple(cb.indices.shape) != cb.index_shape:
+            raise BadInputError(f"`{name}`: indices have shape {tuple(cb.indices.shape)}, expected {cb.index_shape}")
         if cb.indices.numel() and (int(cb.indices.min()) < 0 or int(cb.indices.max()) >= cb.k):
             raise BadInputError(f"`{name}`: indices must lie in 0..{cb.k - 1} for a codebook of {cb.k} values")
 
@@ -177,7 +177,8 @@ class _Job:
         del self.proto.opset_import[:]
         self.proto.opset_import.extend(opsets)
         _graph.eliminate_dead(g)
-        stored_as = {n: [d.codebook_name, d.index_name] for n, d in decoders.items()}
+        stored_as = {n: [d.codebook_name, d.index_name, *(o for o in d.outlier_names if o)]
+                     for n, d in decoders.items()}
         protected = [name for names in stored_as.values() for name in names]
         count, saved, mapping = _graph.dedup_initializers(self.proto, protected) if dedup else (0, 0, {})
         # IR 4 lets initializers stand apart from the graph inputs (the new codebooks and indices do)
@@ -221,7 +222,7 @@ class _Job:
         layout = self.layouts[name]
         stored = self.stored or cb.codebook.dtype
         cb_bytes = cb.codebook.numel() * torch.tensor([], dtype=stored).element_size()
-        bound = packed_size(cb.numel, cb.bits) + cb_bytes
+        bound = packed_size(cb.index_count, cb.bits) + cb_bytes + cb.outlier_bytes
         common = {"shape": list(cb.shape), "k": cb.k, "bits": cb.bits, "granularity": cb.granularity}
         present = [n for n in names if n in sizes]
         if not present and name in self.unused:

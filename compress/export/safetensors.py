@@ -3,14 +3,18 @@
 File layout (any safetensors reader can open it; `compress.io.load_codebook_safetensors` rebuilds
 the dense tensors):
 
-- `<name>.codebook`: the codebook [groups, K] in the weight's dtype;
-- `<name>.indices`: uint8 [ceil(n * bits / 8)], the indices packed densely, "lsb0" order (element
+- `<name>.codebook`: the codebook [groups, K] in the weight's dtype ([groups, K, dim] for a vector
+  codebook, whose every index covers `dim` consecutive values of the last axis);
+- `<name>.indices`: uint8 [ceil(n * bits / 8)], the n indices packed densely, "lsb0" order (element
   `i` takes stream bits `i*bits ..`, least significant bit first; stream bit `j` is bit `j % 8` of
   byte `j // 8`; see `_pack.py`);
+- with outliers, `<name>.outlier_index` (int32 flat positions in the weight) and
+  `<name>.outlier_value` (the weight's dtype), written over the decoded weight;
 - every dense tensor under its own name, each stored once;
-- `__metadata__` (JSON strings): `compress.format` = "codebook", `compress.format_version`,
-  `compress.tensors` = {name: {codebook, indices, bits, k, packing, shape, dtype, granularity,
-  group_size}}, `compress.aliases` = {name: {target, transpose}} for tensors stored as another.
+- `__metadata__` (JSON strings): `compress.format` = "codebook", `compress.format_version` ("1", or
+  "2" when a recipe has `dim` or outliers), `compress.tensors` = {name: {codebook, indices, bits, k,
+  packing, shape, dtype, granularity, group_size[, dim][, outliers, outlier_index, outlier_value]}},
+  `compress.aliases` = {name: {target, transpose}} for tensors stored as another.
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ def export_safetensors(model_or_state_dict: nn.Module | Mapping[str, torch.Tenso
     skip |= {s for name in aliases for s in storage_names(name)} | set(aliases)
     entries += _put_dense(state, skip, tensors, notes)
     entries += [TensorEntry(a, [], "alias", 0, 0, note=_alias_note(d)) for a, d in aliases.items()]
-    metadata = {"compress.format": FILE_FORMAT, "compress.format_version": str(FILE_FORMAT_VERSION),
+    version = 2 if any(cb.dim > 1 or cb.outlier_count for cb in codebooks.tensors.values()) else FILE_FORMAT_VERSION
+    metadata = {"compress.format": FILE_FORMAT, "compress.format_version": str(version),
                 "compress.tensors": json.dumps(meta_tensors, sort_keys=True),
                 "compress.aliases": json.dumps(aliases, sort_keys=True)}
     _check_names(tensors, path)
@@ -98,10 +103,22 @@ def _put_codebook(cb: TensorCodebook, tensors: dict) -> tuple[dict, TensorEntry]
     recipe = {"codebook": cb_name, "indices": idx_name, "bits": cb.bits, "k": cb.k, "packing": PACKING,
               "shape": list(cb.shape), "dtype": str(cb.dtype).removeprefix("torch."),
               "granularity": cb.granularity, "group_size": cb.group_size}
-    size = packed.nbytes + tensors[cb_name].numel() * tensors[cb_name].element_size()
-    bound = packed_size(cb.numel, cb.bits) + tensors[cb_name].numel() * tensors[cb_name].element_size()
+    side = 0
+    if cb.dim > 1:
+        recipe["dim"] = cb.dim
+    if cb.outlier_count:
+        recipe |= {"outliers": cb.outlier_count, "outlier_index": f"{cb.name}.outlier_index",
+                   "outlier_value": f"{cb.name}.outlier_value"}
+        tensors[recipe["outlier_index"]] = cb.outlier_index.detach().to(torch.int32).contiguous().clone()
+        tensors[recipe["outlier_value"]] = cb.outlier_value.detach().to(cb.dtype).contiguous().clone()
+        side = sum(tensors[recipe[k]].numel() * tensors[recipe[k]].element_size()
+                   for k in ("outlier_index", "outlier_value"))
+    size = packed.nbytes + tensors[cb_name].numel() * tensors[cb_name].element_size() + side
+    bound = packed_size(cb.index_count, cb.bits) + tensors[cb_name].numel() * tensors[cb_name].element_size() + side
     entry = TensorEntry(cb.name, list(cb.shape), "codebook", size, bound, index_type=f"U8 {PACKING} {cb.bits}-bit",
-                        bits=cb.bits, k=cb.k, granularity=cb.granularity, stored_as=[cb_name, idx_name])
+                        bits=cb.bits, k=cb.k, granularity=cb.granularity,
+                        stored_as=[cb_name, idx_name] + [recipe[k] for k in ("outlier_index", "outlier_value")
+                                                         if k in recipe])
     return recipe, entry
 
 
@@ -155,7 +172,8 @@ def _put_dense(state, skip: set[str], tensors: dict, notes: list[str]) -> list[T
 
 
 def _is_storage_key(name: str) -> bool:
-    return ".parametrizations." in f".{name}" and name.endswith((".original", ".0.index"))
+    return ".parametrizations." in f".{name}" and name.endswith((".original", ".0.index", ".0.outlier_index",
+                                                                 ".0.outlier_value"))
 
 
 def _alias_note(d: dict) -> str:
@@ -163,6 +181,7 @@ def _alias_note(d: dict) -> str:
 
 
 def _check_names(tensors: dict, path: Path) -> None:
-    clash = [n for n in tensors if n.endswith((".codebook", ".indices")) and n.rsplit(".", 1)[0] in tensors]
+    clash = [n for n in tensors if n.endswith((".codebook", ".indices", ".outlier_index", ".outlier_value"))
+             and n.rsplit(".", 1)[0] in tensors]
     if clash:
         raise BadInputError(f"{path}: tensor names {clash} clash with codebook storage names; rename them")

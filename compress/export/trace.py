@@ -52,6 +52,28 @@ def _(codebook, index, offset, tensor):
     return codebook.new_empty(index.shape)
 
 
+@torch.library.custom_op("compress::decode_full", mutates_args=())
+def _decode_full(codebook: torch.Tensor, index: torch.Tensor, offset: torch.Tensor, outlier_index: torch.Tensor,
+                 outlier_value: torch.Tensor, tensor: str) -> torch.Tensor:
+    """The decode of a vector codebook ([groups, K, dim]) and/or one with outliers: the whole weight."""
+    shape = _full_shape(codebook, index)
+    table = codebook.reshape(-1, codebook.shape[-1]) if codebook.dim() == 3 else codebook.reshape(-1)
+    dense = table[index.long() + offset].reshape(shape)
+    if outlier_index.numel():
+        dense = dense.reshape(-1).index_put((outlier_index.long(),), outlier_value.to(dense.dtype)).reshape(shape)
+    return dense
+
+
+@_decode_full.register_fake
+def _(codebook, index, offset, outlier_index, outlier_value, tensor):
+    return codebook.new_empty(_full_shape(codebook, index))
+
+
+def _full_shape(codebook: torch.Tensor, index: torch.Tensor) -> tuple[int, ...]:
+    dim = codebook.shape[-1] if codebook.dim() == 3 else 1
+    return (*index.shape[:-1], index.shape[-1] * dim) if index.dim() else tuple(index.shape)
+
+
 _OPSET = onnxscript.values.Opset(DOMAIN, 1)
 # onnxscript reads typing.Union bounds (an `X | Y` bound prints "Unsupported type annotation")
 _TF = TypeVar("_TF", bound=Union[FLOAT, FLOAT16, BFLOAT16, DOUBLE])  # noqa: UP007
@@ -62,6 +84,20 @@ _TI = TypeVar("_TI", bound=Union[UINT8, INT16, INT32, INT64])  # noqa: UP007
 def _decode_onnx(codebook: _TF, index: _TI, offset: INT64, tensor: str) -> _TF:
     weight = _OPSET.Decode(codebook, index, offset, tensor=tensor)
     return weight
+
+
+_TO = TypeVar("_TO", bound=Union[INT32, INT64])  # noqa: UP007
+
+
+@onnxscript.script(_OPSET)
+def _decode_full_onnx(codebook: _TF, index: _TI, offset: INT64, outlier_index: _TO, outlier_value: _TF,
+                      tensor: str) -> _TF:
+    weight = _OPSET.Decode(codebook, index, offset, tensor=tensor)  # the outliers are the decode's own
+    return weight
+
+
+_TRANSLATIONS = {torch.ops.compress.decode.default: _decode_onnx,
+                 torch.ops.compress.decode_full.default: _decode_full_onnx}
 
 
 def is_placeholder(node: onnx.NodeProto) -> bool:
@@ -96,7 +132,7 @@ def trace_onnx(model: nn.Module | torch.export.ExportedProgram, codebooks: Codeb
         try:
             program = torch.onnx.export(model, args, dynamo=True, optimize=True, opset_version=opset,
                                         dynamic_shapes=dynamic, verbose=False,
-                                        custom_translation_table={torch.ops.compress.decode.default: _decode_onnx})
+                                        custom_translation_table=_TRANSLATIONS)
         except Exception as e:  # the exporter raises many types; the first line says what failed
             raise UnsupportedModelError(f"torch.onnx.export could not export the model: {first_line(e)}") from e
     return program.model_proto, hooked
@@ -171,9 +207,16 @@ def _decode_ops(model: nn.Module, codebooks: Codebooks, hooked: set[str]) -> Ite
 
 
 def _op_forward(module: CodebookParametrization, name: str):
-    def forward(codebook: torch.Tensor) -> torch.Tensor:
-        return torch.ops.compress.decode(codebook, module.index, module.offset, name)
-    return forward
+    if module.dim == 1 and not module.outliers:
+        def forward(codebook: torch.Tensor) -> torch.Tensor:
+            return torch.ops.compress.decode(codebook, module.index, module.offset, name)
+        return forward
+
+    def forward_full(codebook: torch.Tensor) -> torch.Tensor:
+        where = module.outlier_index if module.outliers else torch.zeros(0, dtype=torch.int32)
+        values = module.outlier_value.to(codebook.dtype) if module.outliers else codebook.new_zeros(0)
+        return torch.ops.compress.decode_full(codebook, module.index, module.offset, where, values, name)
+    return forward_full
 
 
 def _canonical(codebooks: Codebooks) -> dict[str, str]:
@@ -193,8 +236,10 @@ _PASS_THROUGH = {"aten.reshape.default", "aten.view.default", "aten._to_copy.def
 def _with_decode_ops(gm: torch.fx.GraphModule, codebooks: Codebooks, hooked: set[str]) -> torch.fx.GraphModule:
     """`program.module()` with each `index(reshape(codebook), [add(to(index), offset)])` as one decode op."""
     by_storage = {}
-    for name in codebooks.tensors:
-        original, index = storage_names(name)
+    for name, cb in codebooks.tensors.items():
+        if cb.dim > 1 or cb.outlier_count:  # their pattern is not matched: found by value, or named as a loss
+            continue
+        original, index, *_ = storage_names(name)
         by_storage[original], by_storage[index] = (name, "codebook"), (name, "index")
     graph = gm.graph
     for node in list(graph.nodes):

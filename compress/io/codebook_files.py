@@ -1,8 +1,9 @@
 """Reading the toolkit's own codebook safetensors files back as dense tensors.
 
 The format (written by `compress.export.safetensors` and, sharded, by `compress.export.sharded`):
-`<name>.codebook` [groups, K] and `<name>.indices` (uint8, packed "lsb0", see `compress.packing`)
-per merged tensor, every dense tensor under its own name, and in `__metadata__` the JSON strings
+`<name>.codebook` [groups, K] (or [groups, K, dim] for a vector codebook) and `<name>.indices` (uint8,
+packed "lsb0", see `compress.packing`) per merged tensor, with outliers `<name>.outlier_index` (int32)
+and `<name>.outlier_value`, every dense tensor under its own name, and in `__metadata__` the JSON strings
 `compress.format` = "codebook", `compress.format_version`, `compress.tensors` = {name: `Recipe`},
 `compress.aliases` = {name: {target, transpose}}. A sharded checkpoint adds an index whose
 `metadata` maps every logical tensor to its shard (`compress.tensors`).
@@ -23,9 +24,16 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..codebook import FILE_FORMAT, FILE_FORMAT_VERSION, Recipe
+from ..codebook import (
+    FILE_FORMAT,
+    FILE_FORMAT_VERSION,
+    FILE_FORMAT_VERSIONS,
+    Recipe,
+    index_shape,
+)
 from ..errors import BadInputError
 from ..packing import PACKING, packed_size, unpack_bits
 from . import safetensors as st_header
@@ -58,11 +66,13 @@ def load_codebook_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     with library_call(path, "opening the safetensors file"):
         handle = safe_open(str(path), framework="pt")
     with handle as f:
-        used = {r.codebook for r in recipes.values()} | {r.indices for r in recipes.values()}
+        used = {t for r in recipes.values() for t in (r.codebook, r.indices, r.outlier_index, r.outlier_value) if t}
         out = {name: f.get_tensor(name) for name in header.tensors if name not in used}
         for name, recipe in recipes.items():
+            outliers = (f.get_tensor(recipe.outlier_index), f.get_tensor(recipe.outlier_value)) if recipe.outliers \
+                else None
             out[name] = decode_recipe(name, recipe, f.get_tensor(recipe.codebook), f.get_tensor(recipe.indices),
-                                      path)
+                                      path, outliers)
     _retie(out, aliases, path)
     return out
 
@@ -104,9 +114,9 @@ def read_metadata(meta: Mapping[str, str], path: Path) -> tuple[dict[str, Recipe
     if meta.get("compress.format") != FILE_FORMAT:
         raise BadInputError(f"{path}: no codebook metadata; the file was not written by compress's safetensors "
                             "export (open it with safetensors.safe_open instead)")
-    if meta.get("compress.format_version") != str(FILE_FORMAT_VERSION):
+    if meta.get("compress.format_version") not in FILE_FORMAT_VERSIONS:
         raise BadInputError(f"{path}: codebook format version {meta.get('compress.format_version')!r} is not "
-                            f"supported (this is version {FILE_FORMAT_VERSION}); re-export the model")
+                            f"supported (this reads versions {', '.join(FILE_FORMAT_VERSIONS)}); re-export the model")
     try:
         recipes = json.loads(meta["compress.tensors"])
         aliases = json.loads(meta.get("compress.aliases", "{}"))
@@ -127,53 +137,67 @@ def read_metadata(meta: Mapping[str, str], path: Path) -> tuple[dict[str, Recipe
 def _check_recipes(recipes: dict[str, Recipe], header, path: Path) -> None:
     """Every recipe names stored tensors of the right dtype and size (checked before reading any)."""
     for name, r in recipes.items():
-        for key in (r.codebook, r.indices):
+        side = (r.outlier_index, r.outlier_value) if r.outliers else ()
+        for key in (r.codebook, r.indices, *side):
             if key not in header.tensors:
                 raise BadInputError(f"{path}: `{name}` names {key!r}, which the file does not store")
-        n = math.prod(r.shape)
+        n = math.prod(index_shape(tuple(r.shape), r.dim))
         idx = header.tensors[r.indices]
         if idx.dtype != "U8" or idx.shape != (packed_size(n, r.bits),):
             raise BadInputError(f"{path}: `{name}` needs {packed_size(n, r.bits)} packed index bytes (U8), the "
                                 f"file has {list(idx.shape)} ({idx.dtype}); the file is corrupt")
         cb = header.tensors[r.codebook]
         groups = r.grain.groups_for(tuple(r.shape))
-        if cb.shape != (groups, r.k) or str(cb.torch_dtype).removeprefix("torch.") != r.dtype:
-            raise BadInputError(f"{path}: `{name}` needs a {r.dtype} codebook of shape [{groups}, {r.k}], the file "
-                                f"has {list(cb.shape)} ({cb.dtype}); the file is corrupt")
+        want = (groups, r.k) if r.dim == 1 else (groups, r.k, r.dim)
+        if cb.shape != want or str(cb.torch_dtype).removeprefix("torch.") != r.dtype:
+            raise BadInputError(f"{path}: `{name}` needs a {r.dtype} codebook of shape {list(want)}, the file has "
+                                f"{list(cb.shape)} ({cb.dtype}); the file is corrupt")
+        if side and (header.tensors[side[0]].dtype != "I32" or header.tensors[side[0]].shape != (r.outliers,)
+                     or header.tensors[side[1]].shape != (r.outliers,)):
+            raise BadInputError(f"{path}: `{name}` needs {r.outliers} outliers (I32 positions and values); the "
+                                "file is corrupt")
 
 
 def decode_recipe(name: str, recipe: Recipe, codebook: torch.Tensor, packed: torch.Tensor,
-                  path: Path) -> torch.Tensor:
-    """The dense tensor a recipe describes, from its codebook and packed indices.
+                  path: Path, outliers: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The dense tensor a recipe describes, from its codebook, packed indices and outliers.
 
-    Decoded `_DECODE_CHUNK` elements at a time, so the memory beyond the result stays small whatever
+    Decoded `_DECODE_CHUNK` indices at a time, so the memory beyond the result stays small whatever
     the shape (unpacking all indices at once took 8 bytes per index bit).
     """
     shape = tuple(recipe.shape)
-    n = math.prod(shape)
+    n = math.prod(index_shape(shape, recipe.dim))
     if recipe.packing != PACKING:
         raise BadInputError(f"{path}: `{name}` uses packing {recipe.packing!r}, not {PACKING!r}")
     if packed.dtype != torch.uint8 or packed.numel() != packed_size(n, recipe.bits):
         raise BadInputError(f"{path}: `{name}` needs {packed_size(n, recipe.bits)} packed index bytes, the file "
                             f"has {packed.numel()} ({packed.dtype}); the file is corrupt")
-    k = codebook.shape[-1]
-    flat = codebook.reshape(-1)
+    k, dim = codebook.shape[1], recipe.dim
+    table = codebook.reshape(-1, dim)
     raw = packed.numpy()
-    row_len = math.prod(shape[1:]) if len(shape) > 1 else 1
+    ishape = index_shape(shape, dim)
+    row_len = math.prod(ishape[1:]) if len(ishape) > 1 else 1
     grain = recipe.grain
-    out = torch.empty(n, dtype=codebook.dtype)
+    out = torch.empty(n, dim, dtype=codebook.dtype)
     for start in range(0, n, _DECODE_CHUNK):
         stop = min(n, start + _DECODE_CHUNK)
         chunk = raw[start * recipe.bits // 8: packed_size(stop, recipe.bits)]
-        indices = torch.from_numpy(unpack_bits(chunk, recipe.bits, stop - start))
+        indices = torch.from_numpy(unpack_bits(chunk, recipe.bits, stop - start).astype(np.int64))
         if int(indices.max()) >= k:
             raise BadInputError(f"{path}: `{name}` has index {int(indices.max())} for a codebook of {k} values; "
                                 f"the file is corrupt")
         if grain.kind != "tensor" and len(shape):
             rows = torch.arange(start, stop, dtype=torch.int64) // row_len
             indices += (rows if grain.kind == "channel" else rows // grain.size) * k
-        out[start:stop] = flat[indices]
-    return out.reshape(shape)
+        out[start:stop] = table[indices]
+    dense = out.reshape(shape)
+    oi, ov = outliers if outliers is not None else (None, None)
+    if oi is not None and oi.numel():
+        if not 0 <= int(oi.min()) <= int(oi.max()) < dense.numel():
+            raise BadInputError(f"{path}: `{name}` has an outlier position outside its {dense.numel()} values; "
+                                "the file is corrupt")
+        dense = dense.reshape(-1).index_put((oi.long(),), ov.to(dense.dtype)).reshape(shape)
+    return dense
 
 
 _DECODE_CHUNK = 1 << 18  # a multiple of 8, so every chunk starts on a byte of the packed stream

@@ -34,7 +34,7 @@ def stored_bytes(model: nn.Module) -> dict:
 
 def _codebook_k(model: nn.Module, index_name: str) -> int:
     owner, _, _ = index_name.rpartition(".0.index")
-    return int(model.get_submodule(owner).original.shape[-1])
+    return int(model.get_submodule(owner).original.shape[1])
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from ..records import Record
 from ..tying import FinetuneConfig, FinetuneResult, TieConfig, TiePlan
 from ..units import format_bytes
 from ..verify import VerifyResult
+from .assign import QualityRun
 
 REPORT_VERSION = 1
 
@@ -83,6 +84,8 @@ class TensorRow(Record):
     bits_per_weight: float | None = None
     max_abs_error: float | None = None
     rel_error: float | None = None
+    dim: int | None = None
+    outliers: int | None = None
 
     _omit_none = True
 
@@ -144,10 +147,17 @@ class TieReport(Record):
     exports: list[ExportReport] = field(default_factory=list)
     verification: list[VerifyResult] = field(default_factory=list)
     version: int = REPORT_VERSION
+    quality_path: QualityRun | None = None  # error-compensated assignment, refinement (pipeline.assign)
 
     _what = "tie report"
     _version_required = True
     _version_hint = "re-run `compress tie`"
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        if d["quality_path"] is None:  # reports of the plain path read as before
+            del d["quality_path"]
+        return d
 
     def to_table(self):
         """A rich table: size, bits per weight, output error and accuracy, before and after."""
@@ -182,6 +192,7 @@ def _tensor_row(t, codebooks: Codebooks, originals: dict[str, torch.Tensor]) -> 
         err = cb.decode().double() - w
         norm = float(torch.linalg.vector_norm(w))
         row.granularity, row.group_size, row.k, row.bits = cb.granularity, cb.group_size, cb.k, cb.bits
+        row.dim, row.outliers = (cb.dim if cb.dim > 1 else None), (cb.outlier_count or None)
         row.distinct_values = int(torch.unique(cb.decode()).numel())
         row.bytes_before, row.bytes_after = t.numel * cb.codebook.element_size(), cb.packed_bytes()
         row.bits_per_weight = 8 * cb.packed_bytes() / t.numel

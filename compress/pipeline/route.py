@@ -20,6 +20,7 @@ from pathlib import Path
 from ..errors import BadInputError, Option
 from ..io import is_safetensors_checkpoint, load, load_data
 from ..tying import FinetuneConfig, TieConfig
+from .assign import refuse_quality_options
 from .checkpoint import StreamResult, output_dir_for, tie_checkpoint
 from .exports import ExportOptions
 from .inputs import check_example_inputs, example_inputs, parse_input_shapes
@@ -55,6 +56,8 @@ def tie_file(path: str | Path, cfg: TieConfig | None = None, *, out_dir: str | P
         raise BadInputError("fine-tuning (", Option("epochs"), ") needs calibration data (", Option("data"), ")")
     specs = parse_input_shapes(input_shapes)
     how = route(path, data=data, stream=stream)
+    if how != "model":
+        refuse_quality_options(cfg, "an ONNX file" if how == "onnx" else "a streamed checkpoint")
     if how == "checkpoint":
         if specs:
             raise BadInputError(f"{path}: a checkpoint of tensors is tied without running it; drop ",

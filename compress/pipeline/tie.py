@@ -42,6 +42,7 @@ from ..tying import (
     finetune_,
     merge_,
 )
+from .assign import assign_and_refine, quality_notes, takes_quality_path
 from .exports import ExportOptions, check_strict, export_and_verify, export_targets
 from .measure import quality, stored_bytes
 from .report import Outputs, TieReport, build_report
@@ -146,6 +147,8 @@ def tie(loaded, cfg: TieConfig | None = None, *, data=None, finetune: FinetuneCo
                           stored_bytes(run.model), quality(run.reference, run.runnable, data, run.examples),
                           ft_result, outputs, time.perf_counter() - started)
     report.notes.extend(_no_onnx_notes(run))
+    report.quality_path = run.quality  # the error-compensated / vector / outlier / budget path (pipeline.assign)
+    report.notes = [*quality_notes(run.quality, run.cfg, None if run.scripted else run.reference), *report.notes]
     exports, checks = _write(run, payload, plan, codebooks, report)
     if run.export.strict:
         check_strict(exports, run.out_dir)
@@ -169,6 +172,7 @@ class _Run:
     paths: tuple[Path, Path, Path]
     export_paths: list[Path]
     runnable: nn.Module | None = None  # the merged model as something that runs (a TorchScript copy for scripts)
+    quality: object = None  # pipeline.assign.QualityRun when that path ran
 
     @classmethod
     def prepare(cls, loaded, cfg: TieConfig, data, data_path, export: ExportOptions, out_dir: Path,
@@ -209,6 +213,10 @@ def _tie_model(run: _Run, ft: FinetuneConfig | None):
     plan = analyze(run.model, run.cfg, importance=importance, program=getattr(run.loaded, "program", None))
     before = stored_bytes(run.model)
     originals = {t.name: current_weight(run.model, t.name).detach().clone() for t in plan.clustered()}
+    graph = None if run.scripted else run.reference  # a TorchScript file's code is not run here: weights only
+    if takes_quality_path(run.cfg, run.data, run.examples, graph):
+        codebooks, run.quality = assign_and_refine(run.model, plan, run.cfg, run.data, run.examples, graph, ft)
+        return plan, codebooks, None, originals, before
     if ft is None:
         return plan, merge_(run.model, plan), None, originals, before
     result = finetune_(run.model, plan, run.data, ft, original=run.reference)

@@ -76,7 +76,7 @@ def decide(name: str, p: torch.Tensor, module_type: str | None, cfg: TieConfig) 
     for pattern in cfg.exclude:
         if fnmatchcase(name, pattern):
             return Decision("keep", f"excluded by {pattern!r}")
-    settings = cfg.resolved(name, short)
+    settings = cfg.resolved(name, short).for_shape(tuple(p.shape), cfg.dim)
     if not settings.enabled:
         return Decision("keep", f"disabled by {settings.source}")
     for pattern in cfg.include:

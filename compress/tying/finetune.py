@@ -158,17 +158,25 @@ def finetune_(model: nn.Module, plan: TiePlan, data, cfg: FinetuneConfig | None 
     cfg = cfg or FinetuneConfig()
     if not plan.clustered():  # nothing to pull together: training would only change the model
         return FinetuneResult(merge_(model, plan), "none", 0)
+    kind, loss_fn = training_loss(model, data, original, "fine-tuning")
+    with distributed.session() as group:
+        _same_plan(plan, group)
+        return _train(model, plan, cfg, loss_fn, kind, data.calib_inputs, group)
+
+
+def training_loss(model: nn.Module, data, original: nn.Module | None, what: str
+                  ) -> tuple[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]]:
+    """The loss the built-in loops train with, and its kind: cross-entropy with integer targets,
+    reconstruction MSE for an autoencoder, else MSE to `original`'s outputs (a copy of `model` taken
+    now when None). The loss takes the model and the indices of a batch of calibration rows."""
     inputs, targets = data.calib_inputs, data.calib_targets
     if len(inputs) == 0:
-        raise BadInputError("fine-tuning needs calibration inputs; the data file has none")
+        raise BadInputError(f"{what} needs calibration inputs; the data file has none")
     with torch.no_grad(), train_mode(model, False):
         kind = loss_mode(model(inputs[:2]), inputs[:2], targets)
     teacher = _teacher_outputs(original if original is not None else copy.deepcopy(model), inputs) \
         if kind == "distillation" else None
-    loss_fn = _loss_fn(kind, inputs, targets, teacher)
-    with distributed.session() as group:
-        _same_plan(plan, group)
-        return _train(model, plan, cfg, loss_fn, kind, inputs, group)
+    return kind, _loss_fn(kind, inputs, targets, teacher)
 
 
 def _train(model: nn.Module, plan: TiePlan, cfg: FinetuneConfig, loss_fn: Callable, kind: str,

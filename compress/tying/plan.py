@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import registry
 from ..auditing import find_tensor_ties
-from ..codebook import bits_for
+from ..codebook import bits_for, index_shape
 from ..errors import BadInputError, Option
 from ..granularity import Granularity
 from ..records import Record, codec
@@ -44,8 +44,10 @@ _CLUSTER_KEYS = ("granularity", "group_size", "k", "max_error", "rel_error", "ce
 class TensorPlan(Record):
     """One parameter: `action` is "cluster", "alias" or "keep"; `reason` says why.
 
-    For "cluster": `centers` is [groups][k] (the initial shared values), `labels` (optional) the
-    initial assignment with the tensor's shape, `max_error`/`rel_error` the clustering error.
+    For "cluster": `centers` is [groups][k] (the initial shared values; [groups][k][dim] for a
+    vector codebook), `labels` (optional) the initial assignment with the tensor's shape,
+    `max_error`/`rel_error` the clustering error. After `assign_`: `method` ("nearest" or
+    "compensated"), `dim` and `outliers` (the count kept exactly) say how it was merged.
     """
 
     name: str
@@ -59,9 +61,12 @@ class TensorPlan(Record):
     k: int | None = None
     max_error: float | None = None
     rel_error: float | None = None
-    centers: list[list[float]] | None = None
+    centers: list[list[float]] | list[list[list[float]]] | None = None
     labels: torch.Tensor | None = field(default=None, metadata=codec(lambda t: _pack_labels(t),
                                                                      lambda v, d: _unpack_labels(v, d)))
+    method: str | None = None
+    dim: int | None = None
+    outliers: int | None = None
 
     _what = "plan tensor"
     _derived = ("bits",)
@@ -84,6 +89,9 @@ class TensorPlan(Record):
 
     def to_dict(self, with_labels: bool = True) -> dict:
         d = super().to_dict()
+        for key in ("method", "dim", "outliers"):  # set by assign_ only
+            if d[key] is None:
+                del d[key]
         if self.action != "cluster":
             return {k: v for k, v in d.items() if k not in _CLUSTER_KEYS and k != "bits"}
         if not with_labels or self.labels is None:
@@ -102,14 +110,19 @@ class TensorPlan(Record):
                 raise BadInputError(f"{where}: tensor `{name}` is missing {key!r}")
         grain = Granularity.of(kw["granularity"], kw.get("group_size"))
         groups = grain.groups_for(tuple(kw["shape"]))
-        k = kw["k"]
-        if len(kw["centers"]) != groups or any(len(row) != k for row in kw["centers"]):
-            raise BadInputError(f"{where}: `{name}` needs centers of shape [{groups}][{k}] for granularity "
+        k, dim = kw["k"], kw.get("dim") or 1
+        ok = len(kw["centers"]) == groups and all(len(row) == k for row in kw["centers"])
+        if ok:
+            ok = all((not isinstance(c, list)) if dim == 1 else (isinstance(c, list) and len(c) == dim)
+                     for row in kw["centers"] for c in row)
+        if not ok:
+            shape = f"[{groups}][{k}]" + (f"[{dim}]" if dim > 1 else "")
+            raise BadInputError(f"{where}: `{name}` needs centers of shape {shape} for granularity "
                                 f"{kw['granularity']!r}")
         if not 1 <= k <= MAX_K:
             raise BadInputError(f"{where}: `{name}` has k={k}; k must be between 1 and {MAX_K}")
         labels = kw.get("labels")
-        if labels is not None and (tuple(labels.shape) != tuple(kw["shape"])
+        if labels is not None and (tuple(labels.shape) != index_shape(tuple(kw["shape"]), dim)
                                    or (labels.numel() and int(labels.max()) >= k)):
             raise BadInputError(f"{where}: labels of `{name}` do not fit its shape {list(kw['shape'])} and k={k}; "
                                 "delete the 'labels' entry")

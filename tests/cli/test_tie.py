@@ -74,7 +74,7 @@ def test_tie_writes_model_plan_report_and_verified_exports_and_prints_tables(tin
 def test_tie_with_data_fine_tunes_and_reports_accuracy(tiny, tmp_path):
     pt2, dat = tiny
     out = tmp_path / "out"
-    result = _run(str(pt2), "-o", str(out), "--bits", "1", "--data", str(dat), "--epochs", "2",
+    result = _run(str(pt2), "-o", str(out), "--bits", "1", "--data", str(dat), "--epochs", "2", "--method", "nearest",
                   "--json", str(tmp_path / "r.json"))
     assert result.exit_code == 0, result.output
     assert "accuracy" in result.output
@@ -220,13 +220,25 @@ BAD = {
                    ("error: {tmp}/wrong.pt: calib_inputs have shape [20, 30], the model expects ['batch', 48] "
                    "(its example input is [4, 48])")),
     "config-key": (lambda t, m: [m, "--config", str(_bad_config(t))],
-                   ("error: {tmp}/tie.json: unknown key 'by_nam'; known keys: bits, by_name, by_type, exclude, "
-                   "granularity, group_size, importance, include, min_elements, tie_tensors, tie_tolerance, "
-                   "tolerance, version")),
+                   ("error: {tmp}/tie.json: unknown key 'by_nam'; known keys: bits, budget, by_name, by_type, dim, "
+                   "exclude, granularity, group_size, importance, include, method, min_elements, outliers, "
+                   "tie_tensors, tie_tolerance, tolerance, version")),
     "bits-and-tolerance": (lambda t, m: [m, "--bits", "2", "--tolerance", "0.1"],
                            "error: give --bits or --tolerance, not both"),
     "epochs-without-data": (lambda t, m: [m, "--epochs", "3"],
                             "error: fine-tuning (--epochs) needs calibration data (--data)"),
+    "budget-0.5": (lambda t, m: [m, "--budget", "0.5"],
+                   ("error: command line: --budget 0.5 must be between 1 and 8 bits per weight (the average over "
+                    "the tied weights, codebooks counted)")),
+    "dim-3": (lambda t, m: [m, "--dim", "3"], "error: command line: --dim 3 must be 1, 2 or 4 (weights per shared vector)"),
+    "outliers-120%": (lambda t, m: [m, "--outliers", "120%"],
+                      ("error: command line: --outliers 120% must be a share of the weights from 0% to below 100% "
+                       "(e.g. 0.5%)")),
+    "outliers-word": (lambda t, m: [m, "--outliers", "some"], "error: --outliers some is not a percentage (e.g. 0.5%)"),
+    "budget-below-codebooks": (lambda t, m: [m, "--budget", "1", "--method", "nearest"],
+                               ("error: the budget of 1 bits per weight is below the smallest storage these tensors "
+                                "allow (1.042 bits per weight with the fewest bits each may take, codebooks counted); "
+                                "raise --budget")),
 }
 
 
@@ -241,6 +253,56 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny, tmp_path):
     assert result.output.strip().splitlines()[-1] == message.format(tmp=tmp_path)
     assert not out.exists() or list(out.iterdir()) == []
     assert _sha(pt2) == before
+
+
+# --- the quality options --------------------------------------------------------------------------
+
+def test_data_makes_the_default_error_compensated_then_refined_and_says_so(tiny, tmp_path):
+    pt2, dat = tiny
+    out = tmp_path / "out"
+    result = _run(str(pt2), "-o", str(out), "--bits", "2", "--data", str(dat), "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "tiny.report.json").read_text())
+    path = report["quality_path"]
+    assert path["assignment"]["method"] == "compensated"
+    assert path["assignment"]["tensors"] == {"fc1.weight": "compensated"}
+    assert path["refine"]["epochs"] == 2 and path["refine"]["mode"] == "cross-entropy"
+    assert any(n.startswith("planned: error-compensated assignment of 1 of 1 tensors") for n in report["notes"])
+    assert [v["passed"] for v in report["verification"]] == [True, True]
+    assert TiePlan.load(out / "tiny.plan.json").tensor("fc1.weight").method == "compensated"
+
+
+def test_without_data_the_example_inputs_calibrate_with_a_note(tiny, tmp_path):
+    pt2, _ = tiny
+    result = _run(str(pt2), "-o", str(tmp_path / "out"), "--bits", "2")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "tiny.report.json").read_text())
+    assert report["quality_path"]["assignment"]["calibration"] == "the model's 4 example inputs"
+    assert "note: no --data: the error-compensated assignment used the model's 4 example inputs" in " ".join(
+        result.output.split())
+
+
+def test_method_nearest_keeps_the_plain_merge(tiny, tmp_path):
+    pt2, _ = tiny
+    result = _run(str(pt2), "-o", str(tmp_path / "out"), "--bits", "2", "--method", "nearest")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "tiny.report.json").read_text())
+    assert "quality_path" not in report
+
+
+@pytest.mark.slow
+def test_vectors_outliers_and_a_budget_export_and_verify(tiny, tmp_path):
+    pt2, dat = tiny
+    out = tmp_path / "out"
+    result = _run(str(pt2), "-o", str(out), "--budget", "2.5", "--dim", "2", "--outliers", "0.5%", "--data", str(dat),
+                  "--epochs", "0")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "tiny.report.json").read_text())
+    row = {t["name"]: t for t in report["tensors"]}["fc1.weight"]
+    assert row["dim"] == 2 and row["outliers"] == round(0.005 * 32 * 48) and row["bits_per_weight"] <= 2.5
+    allocation = report["quality_path"]["assignment"]["allocation"]
+    assert allocation["budget"] == 2.5 and allocation["bits_per_weight"] <= 2.5
+    assert [v["passed"] for v in report["verification"]] == [True, True]
 
 
 # --- inputs without a PyTorch graph ----------------------------------------------------------------
@@ -285,3 +347,15 @@ def test_tie_on_a_sharded_checkpoint_streams_into_sharded_outputs(tmp_path):
     merged = load_sharded(out_index)
     assert merged["l1.weight"].unique().numel() <= 4 and merged["l2.weight"].unique().numel() <= 4
     assert torch.equal(merged["l2.bias"], shards["b.safetensors"]["l2.bias"])
+
+
+def test_quality_options_on_a_streamed_checkpoint_are_refused_not_ignored(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"l.weight": torch.randn(64, 64)}, str(tmp_path / "m.safetensors"))
+    result = _run(str(tmp_path / "m.safetensors"), "--stream", "--dim", "2", "--outliers", "1%",
+                  "-o", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == (
+        "error: a streamed checkpoint is tied tensor by tensor with nearest assignment; --dim 2, --outliers need "
+        "the whole model in memory (a .pt2, or a .safetensors file without streaming)")

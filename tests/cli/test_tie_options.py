@@ -43,7 +43,8 @@ def test_input_shape_gives_a_pickled_module_an_onnx_export(pickled_module, tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["net.onnx", "net.plan.json", "net.report.json",
                                                      "net.safetensors", "net.tied.pt2"]
     report = json.loads((out / "net.report.json").read_text())
-    assert [v["passed"] for v in report["verification"]] == [True, True] and report["notes"] == []
+    assert [v["passed"] for v in report["verification"]] == [True, True]
+    assert not [n for n in report["notes"] if "ONNX" in n or "dense" in n]  # only notes on how it was assigned
 
 
 def test_without_example_inputs_the_note_names_the_option(pickled_module, tmp_path):

@@ -186,3 +186,21 @@ def test_missing_file_and_existing_output(tmp_path):
     with pytest.raises(BadInputError, match="already exists; pass force=True"):
         export_safetensors(model, cbs, tmp_path / "m.safetensors")
     assert (tmp_path / "m.safetensors").read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize("group_size", [64, 63])
+def test_a_group_size_the_codebook_shape_cannot_tell_comes_from_the_model(tmp_path, group_size):
+    # 1,000 rows in 16 groups fit group sizes 63 to 66: the parametrization (or a program's row
+    # offsets) says which one was used; decoding with another would read rows from the wrong codebook
+    from compress.tying import TieConfig, analyze, merge_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 1000, bias=False))
+    cfg = TieConfig(bits=3, granularity="group", group_size=group_size, min_elements=0)
+    codebooks = merge_(model, analyze(model, cfg))
+    cb = codebooks_from_state_dict(model).tensors["0.weight"]
+    assert (cb.granularity, cb.group_size, cb.codebook.shape[0]) == ("group", group_size, 16)
+    program = torch.export.export(model, (torch.randn(2, 32),))
+    assert codebooks_from_state_dict(program).tensors["0.weight"].group_size == group_size
+    export_safetensors(model, codebooks, tmp_path / "m.safetensors")
+    assert verify_safetensors(tmp_path / "m.safetensors", model).passed

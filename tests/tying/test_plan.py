@@ -241,8 +241,9 @@ def test_plan_json_without_labels_is_smaller_and_still_loads():
 
 
 @pytest.mark.parametrize(("config", "message"), [
-    ({"bitz": 4}, ("config: unknown key 'bitz'; known keys: bits, by_name, by_type, exclude, granularity, "
-                  "group_size, importance, include, min_elements, tie_tensors, tie_tolerance, tolerance, version")),
+    ({"bitz": 4}, ("config: unknown key 'bitz'; known keys: bits, budget, by_name, by_type, dim, exclude, "
+                  "granularity, group_size, importance, include, method, min_elements, outliers, tie_tensors, "
+                  "tie_tolerance, tolerance, version")),
     ({"bits": "4"}, "config: 'bits' must be an integer or null, got \"4\""),
     ({"bits": True}, "config: 'bits' must be an integer or null, got true"),
     ({"exclude": "fc1.*"}, "config: 'exclude' must be a list, got \"fc1.*\""),
@@ -253,7 +254,7 @@ def test_plan_json_without_labels_is_smaller_and_still_loads():
     ({"bits": 9}, "config: bits must be between 1 and 8, got 9"),
     ({"bits": 0}, "config: bits must be between 1 and 8, got 0"),
     ({"by_name": {"x": {"bits": 12}}}, "config: by_name['x']: bits must be between 1 and 8, got 12"),
-    ({"granularity": "row"}, "config: granularity must be one of tensor, channel, group, got 'row'"),
+    ({"granularity": "row"}, "config: granularity must be one of tensor, channel, group, auto, got 'row'"),
     ({"granularity": "group"}, "config: granularity 'group' needs a group size (`group_size`)"),
 ], ids=["unknown-key", "bits-string", "bits-bool", "exclude-string", "importance-int", "override-unknown",
         "override-type", "bits-9", "bits-0", "override-bits", "granularity", "group-no-size"])
