@@ -31,6 +31,7 @@ the standard library), split and filtered deterministically (`bench/_common.py:s
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass
