@@ -177,7 +177,7 @@ def decode_recipe(name: str, recipe: Recipe, codebook: torch.Tensor, packed: tor
     raw = packed.numpy()
     ishape = index_shape(shape, dim)
     row_len = math.prod(ishape[1:]) if len(ishape) > 1 else 1
-    grain = recipe.grain
+    per_row = recipe.grain.row_offsets(ishape, k).reshape(-1)  # each row's first entry in `table`
     out = torch.empty(n, dim, dtype=codebook.dtype)
     for start in range(0, n, _DECODE_CHUNK):
         stop = min(n, start + _DECODE_CHUNK)
@@ -186,9 +186,8 @@ def decode_recipe(name: str, recipe: Recipe, codebook: torch.Tensor, packed: tor
         if int(indices.max()) >= k:
             raise BadInputError(f"{path}: `{name}` has index {int(indices.max())} for a codebook of {k} values; "
                                 f"the file is corrupt")
-        if grain.kind != "tensor" and len(shape):
-            rows = torch.arange(start, stop, dtype=torch.int64) // row_len
-            indices += (rows if grain.kind == "channel" else rows // grain.size) * k
+        if per_row.numel() > 1:
+            indices += per_row[torch.arange(start, stop, dtype=torch.int64) // row_len]
         out[start:stop] = table[indices]
     dense = out.reshape(shape)
     oi, ov = outliers if outliers is not None else (None, None)
