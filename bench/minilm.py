@@ -346,15 +346,21 @@ def fp32_onnx_bytes(model: SentenceEmbedder, example) -> int:
         return C.fp32_onnx(model, (example["input_ids"][:2], example["attention_mask"][:2]), Path(tmp) / "fp32.onnx")
 
 
-def _with_earlier(rows: list[Row], path: Path, sentences) -> list[Row]:
-    """This run's rows and an earlier run's (marked in the detail column), ordered by bits and method."""
+def _earlier_rows(path: Path, sentences) -> list[dict]:
+    """The rows of an earlier run, checked (before anything runs) to be on this run's sentence set."""
     earlier = json.loads(path.read_text())["results"]
     if earlier["sentences"] != sentences:
-        raise SystemExit(f"{path} was measured on another sentence set; run those rows again")
+        raise SystemExit(f"{path} was measured on another sentence set ({earlier['sentences']}, this run "
+                         f"{sentences}); run those rows again")
+    return earlier["rows"]
+
+
+def _with_earlier(rows: list[Row], earlier: list[dict], sentences) -> list[Row]:
+    """This run's rows and an earlier run's (marked in the detail column), ordered by bits and method."""
     have = {(r.method, r.bits) for r in rows}
-    for r in earlier["rows"]:
+    for r in earlier:
         if (r["method"], r["bits"]) not in have:
-            r["detail"] = "; ".join(x for x in (r["detail"], "earlier run") if x)
+            r = {**r, "detail": "; ".join(x for x in (r["detail"], "earlier run") if x)}
             rows.append(Row(**r))
     order = {m.name: i for i, m in enumerate(METHODS)}
     return sorted(rows, key=lambda r: (-r.bits, order.get(r.method, len(order))))
@@ -377,6 +383,7 @@ def main() -> int:
     started = time.perf_counter()
     C.quiet()
     sentences = C.sentence_set(96, 64) if args.quick else C.sentence_set(600, 256)
+    earlier = _earlier_rows(args.add, sentences.describe()) if args.add is not None else []
     st = C.load_minilm()
     base = SentenceEmbedder(C.bert_of(st)).eval()
     eval_tokens, calib = tokenize(st, sentences.eval), tokenize(st, sentences.calib)
@@ -412,7 +419,7 @@ def main() -> int:
                   f"{C.fmt_bytes(r.onnx_bytes)} {r.seconds:.1f} s {r.detail}", flush=True)
             rows.append(r)
     if args.add is not None:
-        rows = _with_earlier(rows, args.add, sentences.describe())
+        rows = _with_earlier(rows, earlier, sentences.describe())
     fp32_bytes = fp32_onnx_bytes(base, calib) if do_export else None
     png = plot(rows)
     C.finish("minilm", started, args, tables(rows, fp32_bytes, sentences),
