@@ -8,8 +8,10 @@ whose `tensor` attribute names the merged tensor: a node from an unknown domain 
 folds through. `compress.export.onnx` then replaces every placeholder by the real decode
 (`_decode.py`), with the layout ops that follow it moved onto the indices (`layout.py`).
 
-An `nn.Module` is traced with its `CodebookParametrization`s calling the op; an `ExportedProgram`
-(a merged `.pt2`, whose parametrizations are gone) has its decode pattern rewritten in the FX graph.
+An `nn.Module` is traced with its `CodebookParametrization`s calling the op (`compress::decode_full`,
+the same placeholder in ONNX, for vector codebooks and outliers, whose decode gives the whole weight);
+an `ExportedProgram` (a merged `.pt2`, whose parametrizations are gone) has its scalar decode pattern
+rewritten in the FX graph (vector and outlier tensors there are found by value, or named as a loss).
 A TorchScript module goes through the TorchScript-based exporter without constant folding, and its
 merged weights are found by value (`locate.py`).
 
