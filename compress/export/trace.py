@@ -10,8 +10,8 @@ folds through. `compress.export.onnx` then replaces every placeholder by the rea
 
 An `nn.Module` is traced with its `CodebookParametrization`s calling the op (`compress::decode_full`,
 the same placeholder in ONNX, for vector codebooks and outliers, whose decode gives the whole weight);
-an `ExportedProgram` (a merged `.pt2`, whose parametrizations are gone) has its scalar decode pattern
-rewritten in the FX graph (vector and outlier tensors there are found by value, or named as a loss).
+an `ExportedProgram` (a merged `.pt2`, whose parametrizations are gone) has the same decode patterns
+rewritten in the FX graph.
 A TorchScript module goes through the TorchScript-based exporter without constant folding, and its
 merged weights are found by value (`locate.py`).
 
@@ -236,13 +236,13 @@ _PASS_THROUGH = {"aten.reshape.default", "aten.view.default", "aten._to_copy.def
 
 
 def _with_decode_ops(gm: torch.fx.GraphModule, codebooks: Codebooks, hooked: set[str]) -> torch.fx.GraphModule:
-    """`program.module()` with each `index(reshape(codebook), [add(to(index), offset)])` as one decode op."""
+    """`program.module()` with each `index(reshape(codebook), [add(to(index), offset)])` as one decode op
+    (for vector codebooks and outliers, with the reshapes and the `index_put` that follow it)."""
     by_storage = {}
     for name, cb in codebooks.tensors.items():
-        if cb.dim > 1 or cb.outlier_count:  # their pattern is not matched: found by value, or named as a loss
-            continue
-        original, index, *_ = storage_names(name)
+        original, index, where, values = storage_names(name)
         by_storage[original], by_storage[index] = (name, "codebook"), (name, "index")
+        by_storage[where], by_storage[values] = (name, "outlier_index"), (name, "outlier_value")
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "call_function" or str(node.target) != "aten.index.Tensor" or len(node.args[1]) != 1:
@@ -254,15 +254,60 @@ def _with_decode_ops(gm: torch.fx.GraphModule, codebooks: Codebooks, hooked: set
         index, offset = _attr_through(idx.args[0], by_storage, "index"), idx.args[1]
         if index is None or by_storage[codebook.target][0] != by_storage[index.target][0]:
             continue
-        with graph.inserting_before(node):
-            new = graph.call_function(torch.ops.compress.decode.default,
-                                      (codebook, index, offset, by_storage[index.target][0]))
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        hooked.add(by_storage[index.target][0])
+        name = by_storage[index.target][0]
+        cb = codebooks.tensors[name]
+        if cb.dim == 1 and not cb.outlier_count:
+            end, op, args = node, torch.ops.compress.decode.default, (codebook, index, offset, name)
+        else:
+            found = _full_decode(node, cb, by_storage)
+            if found is None:
+                continue
+            end, where, values = found
+            where = where if where is not None else _empty(gm, graph, f"_compress_no_outliers_{len(hooked)}",
+                                                           torch.zeros(0, dtype=torch.int32))
+            values = values if values is not None else _empty(gm, graph, f"_compress_no_values_{len(hooked)}",
+                                                              torch.zeros(0, dtype=cb.codebook.dtype))
+            op, args = torch.ops.compress.decode_full.default, (codebook, index, offset, where, values, name)
+        with graph.inserting_before(end):
+            new = graph.call_function(op, args)
+        end.replace_all_uses_with(new)
+        hooked.add(name)
     graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+_RESHAPES = {"aten.reshape.default", "aten.view.default"}
+
+
+def _full_decode(node, cb, by_storage: dict):
+    """The node ending a vector / outlier decode that starts at the lookup `node` (the reshape to the
+    weight's shape, after the outliers' `index_put` when there are any), with the outliers' get_attr
+    nodes; None when the graph does not read as `CodebookParametrization.forward`."""
+    end = _only_user(node, _RESHAPES)
+    if end is None or not cb.outlier_count:
+        return None if end is None else (end, None, None)
+    flat = _only_user(end, _RESHAPES)
+    put = _only_user(flat, {"aten.index_put.default"}) if flat is not None else None
+    if put is None or len(put.args[1]) != 1:
+        return None
+    where = _attr_through(put.args[1][0], by_storage, "outlier_index")
+    values = _attr_through(put.args[2], by_storage, "outlier_value")
+    final = _only_user(put, _RESHAPES)
+    return None if where is None or values is None or final is None else (final, where, values)
+
+
+def _only_user(node, targets: set[str]):
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_function" and str(users[0].target) in targets:
+        return users[0]
+    return None
+
+
+def _empty(gm: torch.fx.GraphModule, graph: torch.fx.Graph, name: str, value: torch.Tensor):
+    gm.register_buffer(name, value)
+    with graph.inserting_before(next(iter(graph.nodes))):
+        return graph.get_attr(name)
 
 
 def _attr_through(node, by_storage: dict, role: str):

@@ -70,6 +70,12 @@ def test_vector_and_outlier_exports_round_trip_through_onnxruntime(tmp_path, dim
     dense = sum(p.numel() * 4 for p in Net().parameters())
     assert path.stat().st_size < 0.5 * dense
 
+    # a merged program (a tied .pt2) exports to the same decode: nothing dense, nothing lost
+    program = torch.export.export(model, (x[:4],))
+    again = export_onnx(program, codebooks, tmp_path / "p.onnx", x[:4])
+    assert again.losses() == [] and all(again.entry(n).storage == "codebook" for n in codebooks.tensors)
+    assert float(np.abs(_run_onnx(tmp_path / "p.onnx", x) - want).max()) <= 1e-4
+
 
 @pytest.mark.parametrize(("dim", "outliers", "method"), [
     pytest.param(*c, id=f"dim{c[0]}-out{c[1]}-{c[2]}", marks=[pytest.mark.slow] if i else []) for i, c in enumerate(CASES)])
