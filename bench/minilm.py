@@ -360,7 +360,8 @@ def _with_earlier(rows: list[Row], earlier: list[dict], sentences) -> list[Row]:
     have = {(r.method, r.bits) for r in rows}
     for r in earlier:
         if (r["method"], r["bits"]) not in have:
-            r = {**r, "detail": "; ".join(x for x in (r["detail"], "earlier run") if x)}
+            marked = r["detail"].endswith("earlier run")
+            r = {**r, "detail": r["detail"] if marked else "; ".join(x for x in (r["detail"], "earlier run") if x)}
             rows.append(Row(**r))
     order = {m.name: i for i, m in enumerate(METHODS)}
     return sorted(rows, key=lambda r: (-r.bits, order.get(r.method, len(order))))
