@@ -194,8 +194,18 @@ def decode_tensor(codebook: torch.Tensor, indices: torch.Tensor, shape: tuple[in
     """The dense tensor of `shape` that a codebook, its indices and optional outliers describe."""
     k = codebook.shape[1] if codebook.dim() > 1 else codebook.shape[-1]
     offsets = grain.row_offsets(tuple(indices.shape), k)
+    return lookup(codebook, indices, offsets, shape, dim, outlier_index, outlier_value)
+
+
+def lookup(codebook: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, shape: tuple[int, ...],
+           dim: int = 1, outlier_index: torch.Tensor | None = None,
+           outlier_value: torch.Tensor | None = None) -> torch.Tensor:
+    """`decode_tensor` with each row's offset into the flattened codebook given (`Granularity.row_offsets`).
+
+    The op sequence is the one a merged program records, which `export.trace` matches.
+    """
     table = codebook.reshape(-1, dim) if dim > 1 else codebook.reshape(-1)
-    dense = table[(indices.long() + offsets).reshape(-1)].reshape(shape)
+    dense = table[indices.long() + offsets].reshape(shape)
     if outlier_index is not None and outlier_index.numel():
         dense = dense.reshape(-1).index_put((outlier_index.long(),), outlier_value.to(dense.dtype)).reshape(shape)
     return dense
@@ -304,12 +314,8 @@ class CodebookParametrization(nn.Module):
     def forward(self, codebook: torch.Tensor) -> torch.Tensor:
         if self.dim == 1 and not self.outliers:
             return codebook.reshape(-1)[self.index.long() + self.offset]
-        table = codebook.reshape(-1, self.dim) if self.dim > 1 else codebook.reshape(-1)
-        dense = table[self.index.long() + self.offset].reshape(self.shape)
-        if self.outliers:
-            flat = dense.reshape(-1).index_put((self.outlier_index.long(),), self.outlier_value.to(dense.dtype))
-            dense = flat.reshape(self.shape)
-        return dense
+        return lookup(codebook, self.index, self.offset, self.shape, self.dim,
+                      self.outlier_index if self.outliers else None, self.outlier_value if self.outliers else None)
 
     def right_inverse(self, codebook: torch.Tensor) -> torch.Tensor:
         return codebook

@@ -194,10 +194,9 @@ class Decoder:
         if self.elementwise:
             nodes.append(self.gather(table, index, out))
             return
-        cb = self.cb
         gathered = namer("d")
         nodes.append(self.gather(table, index, gathered))
-        _vector.finish(cb, gathered, out, self.outlier_names, nodes, consts, namer)
+        _vector.finish(self.cb, gathered, out, self.outlier_names, nodes, consts, namer)
 
     @staticmethod
     def gather(table: str, index: str, out: str) -> onnx.NodeProto:

@@ -33,7 +33,7 @@ import torch
 from onnxscript import BFLOAT16, DOUBLE, FLOAT, FLOAT16, INT16, INT32, INT64, UINT8
 from torch import nn
 
-from ..codebook import CodebookParametrization, Codebooks
+from ..codebook import CodebookParametrization, Codebooks, lookup
 from ..errors import UnsupportedModelError
 from ..execution import as_args, eval_mode
 from ..state import storage_names
@@ -58,12 +58,8 @@ def _(codebook, index, offset, tensor):
 def _decode_full(codebook: torch.Tensor, index: torch.Tensor, offset: torch.Tensor, outlier_index: torch.Tensor,
                  outlier_value: torch.Tensor, tensor: str) -> torch.Tensor:
     """The decode of a vector codebook ([groups, K, dim]) and/or one with outliers: the whole weight."""
-    shape = _full_shape(codebook, index)
-    table = codebook.reshape(-1, codebook.shape[-1]) if codebook.dim() == 3 else codebook.reshape(-1)
-    dense = table[index.long() + offset].reshape(shape)
-    if outlier_index.numel():
-        dense = dense.reshape(-1).index_put((outlier_index.long(),), outlier_value.to(dense.dtype)).reshape(shape)
-    return dense
+    dim = codebook.shape[-1] if codebook.dim() == 3 else 1
+    return lookup(codebook, index, offset, _full_shape(codebook, index), dim, outlier_index, outlier_value)
 
 
 @_decode_full.register_fake

@@ -133,7 +133,7 @@ def tie(loaded, cfg: TieConfig | None = None, *, data=None, finetune: FinetuneCo
     started = time.perf_counter()
     run = _Run.prepare(loaded, cfg or TieConfig(), data, data_path, export or ExportOptions(), Path(out_dir), force,
                        example_inputs)
-    ft = _finetune_config(finetune, data, None if run.scripted else run.reference, loaded.path)
+    ft = _finetune_config(finetune, data, run.runs_here, loaded.path)
     if data is not None and run.reference is not None:
         _check_data(data, run.reference if run.scripted else run.model, run.examples, run.data_path)
     plan, codebooks, ft_result, originals, before = _tie_model(run, ft)
@@ -148,7 +148,7 @@ def tie(loaded, cfg: TieConfig | None = None, *, data=None, finetune: FinetuneCo
                           ft_result, outputs, time.perf_counter() - started)
     report.notes.extend(_no_onnx_notes(run))
     report.quality_path = run.quality  # the error-compensated / vector / outlier / budget path (pipeline.assign)
-    report.notes = [*quality_notes(run.quality, run.cfg, None if run.scripted else run.reference), *report.notes]
+    report.notes = [*quality_notes(run.quality, run.cfg, run.runs_here), *report.notes]
     exports, checks = _write(run, payload, plan, codebooks, report)
     if run.export.strict:
         check_strict(exports, run.out_dir)
@@ -199,6 +199,12 @@ class _Run:
         return isinstance(self.reference, torch.jit.ScriptModule)
 
     @property
+    def runs_here(self) -> nn.Module | None:
+        """The reference model when its forward pass may run here (a TorchScript file's code never does:
+        its weights only), else None."""
+        return None if self.scripted else self.reference
+
+    @property
     def graph_examples(self) -> tuple | None:
         """Example inputs when the model can be traced (a graph to export), else None."""
         return self.examples if self.reference is not None else None
@@ -213,9 +219,9 @@ def _tie_model(run: _Run, ft: FinetuneConfig | None):
     plan = analyze(run.model, run.cfg, importance=importance, program=getattr(run.loaded, "program", None))
     before = stored_bytes(run.model)
     originals = {t.name: current_weight(run.model, t.name).detach().clone() for t in plan.clustered()}
-    graph = None if run.scripted else run.reference  # a TorchScript file's code is not run here: weights only
-    if takes_quality_path(run.cfg, run.data, run.examples, graph):
-        codebooks, run.quality = assign_and_refine(run.model, plan, run.cfg, run.data, run.examples, graph, ft)
+    if takes_quality_path(run.cfg, run.data, run.examples, run.runs_here):
+        codebooks, run.quality = assign_and_refine(run.model, plan, run.cfg, run.data, run.examples, run.runs_here,
+                                                   ft)
         return plan, codebooks, None, originals, before
     if ft is None:
         return plan, merge_(run.model, plan), None, originals, before
